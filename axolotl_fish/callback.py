@@ -1,0 +1,62 @@
+"""A `transformers.TrainerCallback` that trains a PEFT model under a FishMask.
+
+Usable with any HF `Trainer`:
+
+    mask = compute_fish_mask(model, trainer.get_train_dataloader(), FishMaskConfig(keep_ratio=0.5))
+    trainer.add_callback(FishMaskCallback(model, mask))   # before trainer.train()
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.mask_file import FishMask
+from axolotl_fish.masking import GradientMask
+
+
+class FishMaskCallback(TrainerCallback):
+    """Freezes unselected entries and writes the mask beside every checkpoint and the final adapter.
+
+    Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
+    here, before the optimizer is built.
+    """
+
+    def __init__(self, model: nn.Module, mask: FishMask) -> None:
+        params = adapter_parameters(model)
+        mask.check_matches(params)
+        self.mask = mask
+        self.gradient_mask = GradientMask(params, mask.masks)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        # After a resume the checkpoint's weights are loaded by now; frozen entries keep those.
+        self.gradient_mask.snapshot()
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        self.gradient_mask.restore()
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        if state.is_world_process_zero:
+            checkpoint = os.path.join(
+                args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            )
+            self.mask.save(checkpoint)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.mask.save(args.output_dir)
+        self.gradient_mask.remove()

@@ -1,0 +1,239 @@
+"""Diagonal empirical Fisher information of adapter entries.
+
+F_i = mean over examples n of (d loss_n / d theta_i)^2, where loss_n is example n's own mean
+next-token loss over its label tokens (what a batch-size-1 run minimises). Squares are taken per
+example, never of a batch gradient, and accumulated in fp32.
+
+Two paths compute the same numbers:
+- LoRA `nn.Linear` factors (lora_A / lora_B of plain LoRA layers) take the batched path: one
+  forward and one backward per micro-batch. A linear layer's per-example weight gradient is
+  sum_t g_t x_t^T, formed from the layer's recorded inputs x and output gradients g.
+- Every other trainable tensor (DoRA magnitudes and DoRA-coupled factors, embedding factors,
+  modules_to_save copies) takes the generic path: one forward and backward per example.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from axolotl_fish.rng import preserved_rng_state
+
+IGNORE_INDEX = -100
+# Largest per-example gradient block (elements) materialised at once on the batched path.
+_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class FisherScores:
+    """Per-entry Fisher information (fp32, mean over examples) and how it was obtained."""
+
+    scores: dict[str, torch.Tensor]
+    num_examples: int
+    seconds: float
+
+
+def per_example_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean next-token cross-entropy over its label tokens, and whether it has any.
+
+    Only label positions are upcast to fp32, so memory scales with label tokens, not the full
+    batch x sequence x vocabulary logits.
+    """
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    rows = valid.nonzero()[:, 0]
+    token_loss = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")
+    counts = valid.sum(dim=1)
+    sums = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, token_loss)
+    return sums / counts.clamp(min=1), counts > 0
+
+
+def fisher_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    params: Mapping[str, nn.Parameter],
+    num_samples: int,
+    *,
+    batched: bool = True,
+    progress: bool = True,
+) -> FisherScores:
+    """Fisher information of every tensor in `params` over the first `num_samples` examples.
+
+    `batches` are training micro-batches (input_ids, labels, ...), as the trainer collates them.
+    Rows without label tokens are skipped. The model runs in eval mode (no dropout) and every
+    random generator is left as it was. `batched=False` sends every tensor down the
+    one-example-at-a-time path: the reference the batched path is tested against.
+    Under torch.distributed, scores and counts are summed over ranks, so all ranks agree.
+    """
+    start = time.perf_counter()
+    taps = _LinearTaps(model, params if batched else {})
+    rowwise = {key: p for key, p in params.items() if key not in taps.covered}
+    scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
+    device = next(iter(params.values())).device
+    seen = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=num_samples, unit="example", desc="Fisher pass", disable=not progress)
+    try:
+        with preserved_rng_state():
+            for raw_batch in batches:
+                batch = {k: v.to(device) for k, v in raw_batch.items()}
+                batch = _first_rows_with_labels(batch, num_samples - seen)
+                rows = batch["input_ids"].shape[0]
+                if rows == 0:
+                    continue
+                if taps.covered:
+                    taps.accumulate(model, batch, scores)
+                if rowwise:
+                    _accumulate_rowwise(model, batch, rowwise, scores)
+                seen += rows
+                bar.update(rows)
+                if seen >= num_samples:
+                    break
+    finally:
+        bar.close()
+        taps.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("The Fisher pass saw no example with label tokens.")
+    seen = _sum_over_ranks(scores, seen)
+    for score in scores.values():
+        score.div_(seen)
+    return FisherScores(scores=scores, num_examples=seen, seconds=time.perf_counter() - start)
+
+
+def _forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs, use_cache=False).logits
+
+
+def _first_rows_with_labels(batch: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
+    """The batch restricted to its first `limit` rows that carry at least one label token."""
+    has_labels = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1)
+    keep = has_labels.nonzero()[:limit, 0]
+    if keep.numel() == has_labels.numel():
+        return batch
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _accumulate_rowwise(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    params: Mapping[str, nn.Parameter],
+    scores: dict[str, torch.Tensor],
+) -> None:
+    """Generic path: one forward and backward per example, gradients squared and summed."""
+    keys = list(params)
+    tensors = [params[key] for key in keys]
+    for n in range(batch["input_ids"].shape[0]):
+        row = {k: v[n : n + 1] for k, v in batch.items()}
+        loss, _ = per_example_loss(_forward_logits(model, row), row["labels"])
+        grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
+        for key, grad in zip(keys, grads, strict=True):
+            if grad is not None:
+                scores[key].add_(grad.float().square())
+
+
+class _LinearTaps:
+    """Forward hooks on plain-LoRA `nn.Linear` factors that record each call's input and output.
+
+    A factor qualifies only when its weight is used solely through its own forward: LoRA layers
+    with a variant (DoRA reuses lora_B @ lora_A to normalise the weight) are left to the generic
+    path, as is anything that is not an `nn.Linear`.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+        key_of = {id(p): key for key, p in params.items()}
+        self.modules: dict[nn.Linear, tuple[str, str | None]] = {}
+        for linear in _plain_lora_linears(model):
+            weight_key = key_of.get(id(linear.weight))
+            if weight_key is None:
+                continue
+            bias_key = key_of.get(id(linear.bias)) if linear.bias is not None else None
+            self.modules[linear] = (weight_key, bias_key)
+        self.covered = {key for keys in self.modules.values() for key in keys if key}
+        self._calls: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._handles = [m.register_forward_hook(self._record) for m in self.modules]
+
+    def _record(
+        self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
+        self._calls[module].append((args[0].detach(), output))
+
+    def accumulate(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor], scores: dict[str, torch.Tensor]
+    ) -> None:
+        """One batched forward and backward; adds every row's squared gradients to `scores`."""
+        self._calls.clear()
+        try:
+            loss, _ = per_example_loss(_forward_logits(model, batch), batch["labels"])
+            calls = [(m, x, out) for m, pairs in self._calls.items() for x, out in pairs]
+            # Gradients w.r.t. the factors' outputs only: backward skips every weight gradient.
+            grads = torch.autograd.grad(loss.sum(), [out for _, _, out in calls], allow_unused=True)
+        finally:
+            self._calls.clear()
+        per_module: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for (module, x, out), grad in zip(calls, grads, strict=True):
+            if grad is not None:
+                rows = x.shape[0]
+                per_module[module].append(
+                    (x.reshape(rows, -1, x.shape[-1]), grad.reshape(rows, -1, out.shape[-1]))
+                )
+        for module, pairs in per_module.items():
+            weight_key, bias_key = self.modules[module]
+            # A factor called several times in one forward: its per-example gradient is the sum.
+            x = torch.cat([x for x, _ in pairs], dim=1).float()
+            g = torch.cat([g for _, g in pairs], dim=1).float()
+            scores[weight_key].add_(_sum_of_squared_outer(g, x))
+            if bias_key is not None:
+                scores[bias_key].add_(g.sum(dim=1).square().sum(dim=0))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_n (g_n^T x_n)^2 for g: (N, T, O), x: (N, T, I), in blocks of bounded memory."""
+    rows, _, out_features = g.shape
+    block = max(1, _BLOCK_ELEMENTS // (out_features * x.shape[-1]))
+    total = torch.zeros(out_features, x.shape[-1], device=x.device)
+    for start in range(0, rows, block):
+        per_example = torch.bmm(g[start : start + block].transpose(1, 2), x[start : start + block])
+        total.add_(per_example.square().sum(dim=0))
+    return total
+
+
+def _plain_lora_linears(model: nn.Module) -> Iterable[nn.Linear]:
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for adapter, lora_a in layer.lora_A.items():
+            if adapter in layer.lora_variant:
+                continue
+            for factor in (lora_a, layer.lora_B[adapter]):
+                if isinstance(factor, nn.Linear):
+                    yield factor
+
+
+def _sum_over_ranks(scores: dict[str, torch.Tensor], seen: int) -> int:
+    """Sum scores and example counts over ranks (a no-op outside torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return seen
+    device = next(iter(scores.values())).device
+    count = torch.tensor([seen], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(count)
+    for score in scores.values():
+        torch.distributed.all_reduce(score)
+    return int(count.item())

@@ -1,0 +1,90 @@
+"""The Axolotl plugin: translates the `fish_mask:` config into calls to the core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.logging import get_logger
+from transformers import Trainer
+
+from axolotl_fish.callback import FishMaskCallback
+from axolotl_fish.compute import compute_fish_mask
+from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.integration.args import LORA_KERNEL_KEYS
+from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.summary import summarize
+
+LOG = get_logger(__name__)
+
+
+class FishMaskPlugin(BasePlugin):
+    """FISH-Tuning: compute a Fisher mask before training and train only its entries."""
+
+    def get_input_args(self) -> str:
+        return "axolotl_fish.integration.args.FishMaskPluginArgs"
+
+    def register(self, cfg: dict) -> None:
+        if cfg.get("fish_mask") is None:
+            LOG.warning(
+                "FishMaskPlugin is listed but there is no `fish_mask:` block: it does nothing."
+            )
+            return
+        unset = [key for key in LORA_KERNEL_KEYS if cfg.get(key) is None]
+        for key in unset:
+            cfg[key] = False
+        if unset:
+            LOG.info(
+                "fish_mask: turned off Axolotl's fused LoRA kernels (%s); they bypass the LoRA "
+                "modules whose inputs the Fisher pass records.",
+                ", ".join(unset),
+            )
+
+    def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
+        if not cfg.fish_mask:
+            return
+        config = FishMaskConfig(**cfg.fish_mask)
+        mask = _resume_mask(cfg) or _mask_from_file(config) or _computed_mask(trainer, config)
+        LOG.info(summarize(mask))
+        trainer.add_callback(FishMaskCallback(trainer.model, mask))
+
+
+def _resume_mask(cfg: DictDefault) -> FishMask | None:
+    """The mask saved in the checkpoint this run resumes from: a resume must keep its mask."""
+    checkpoint = cfg.resume_from_checkpoint
+    if checkpoint is None and cfg.auto_resume_from_checkpoints:
+        from axolotl.utils.train import determine_last_checkpoint
+
+        checkpoint = determine_last_checkpoint(cfg, update=False)
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint) / MASK_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Resuming from {checkpoint}, which has no {MASK_FILENAME}: recomputing the mask on "
+            f"trained weights would select other entries. Point fish_mask.mask_path at the "
+            f"run's mask file."
+        )
+    LOG.info(f"fish_mask: resuming with the mask saved in {path}")
+    return FishMask.load(path)
+
+
+def _mask_from_file(config: FishMaskConfig) -> FishMask | None:
+    if config.mask_path is None:
+        return None
+    LOG.info(f"fish_mask: using the saved mask {config.mask_path} (no Fisher pass)")
+    return FishMask.load(config.mask_path)
+
+
+def _computed_mask(trainer: Trainer, config: FishMaskConfig) -> FishMask:
+    LOG.info(
+        f"fish_mask: scoring adapter entries with strategy={config.strategy} over "
+        f"{config.num_samples} training examples"
+    )
+    return compute_fish_mask(
+        trainer.model,
+        trainer.get_train_dataloader(),
+        config,
+        progress=trainer.is_world_process_zero(),
+    )

@@ -1,0 +1,39 @@
+"""The `fish_mask:` block of Axolotl's config schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
+from axolotl_fish.config import FishMaskConfig
+
+# Axolotl's fused LoRA kernels call the LoRA weights directly, bypassing the PEFT module
+# forward that the Fisher pass records.
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+SUPPORTED_ADAPTERS = ("lora",)
+
+
+class FishMaskPluginArgs(BaseModel):
+    """Adds `fish_mask:` to the Axolotl config (unique name: Axolotl merges args by class name)."""
+
+    fish_mask: FishMaskConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_fish_mask_context(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("fish_mask") is None:
+            return data
+        adapter = data.get("adapter")
+        if adapter not in SUPPORTED_ADAPTERS:
+            raise ValueError(
+                f"fish_mask masks the entries of a LoRA adapter: set `adapter: lora` "
+                f"(got adapter={adapter!r})."
+            )
+        enabled = [key for key in LORA_KERNEL_KEYS if data.get(key)]
+        if enabled:
+            raise ValueError(
+                f"fish_mask cannot record Fisher information through Axolotl's fused LoRA kernels: "
+                f"set {', '.join(f'{key}: false' for key in enabled)}."
+            )
+        return data

@@ -1,0 +1,97 @@
+"""`fish_mask.safetensors`: one bool tensor per adapter tensor, keyed like the saved adapter.
+
+Safetensors only (never pickle), so a shared mask cannot run code. Metadata values are stored as
+JSON strings. Writes go to a temporary file that is renamed into place, so a crash never leaves a
+partial mask and rewriting the same mask is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+MASK_FILENAME = "fish_mask.safetensors"
+
+
+@dataclass
+class FishMask:
+    """Which adapter entries train (True) and how that was decided."""
+
+    masks: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    @property
+    def total(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically to `path` (a file, or a folder that gets `fish_mask.safetensors`)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MASK_FILENAME
+        tensors = {
+            key: mask.detach().to("cpu", torch.bool).contiguous()
+            for key, mask in self.masks.items()
+        }
+        metadata = {key: json.dumps(value) for key, value in self.metadata.items()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FishMask:
+        """Read a mask file (or a folder holding one), with errors that name the file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MASK_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No FISH mask file at {path}.")
+        try:
+            tensors = load_file(path)
+            with safe_open(path, framework="pt") as handle:
+                raw = handle.metadata() or {}
+            metadata = {key: json.loads(value) for key, value in raw.items()}
+        except (SafetensorError, ValueError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors mask file: {err}") from err
+        for key, tensor in tensors.items():
+            if tensor.dtype not in (torch.bool, torch.uint8):
+                raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected bool.")
+        return cls(masks={k: t.bool() for k, t in tensors.items()}, metadata=metadata)
+
+    def check_matches(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise if keys or shapes differ from the adapter tensors the mask is applied to."""
+        missing = sorted(set(tensors) - set(self.masks))
+        if missing:
+            raise ValueError(
+                f"The mask has no entry for adapter tensor {missing[0]!r} ({len(missing)} missing)."
+            )
+        unknown = sorted(set(self.masks) - set(tensors))
+        if unknown:
+            raise ValueError(
+                f"The mask has tensor {unknown[0]!r}, which the adapter lacks "
+                f"({len(unknown)} unknown)."
+            )
+        for key, tensor in tensors.items():
+            if tuple(self.masks[key].shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"Mask shape {tuple(self.masks[key].shape)} for tensor {key!r} does not match "
+                    f"the adapter's {tuple(tensor.shape)}."
+                )

@@ -1,0 +1,55 @@
+"""Human-readable account of a mask: where the budget went and what decided it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from axolotl_fish.mask_file import FishMask
+
+
+def tensor_role(key: str) -> tuple[str, str]:
+    """(module type, matrix) of a saved adapter key, e.g. ('q_proj', 'lora_A')."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("lora_") and i > 0:
+            return parts[i - 1], part
+    return (parts[-2] if len(parts) > 1 else parts[0]), parts[-1]
+
+
+def selected_fractions(masks: dict[str, torch.Tensor], by: int) -> dict[str, tuple[int, int]]:
+    """(selected, total) entries grouped by module type (`by=0`) or matrix (`by=1`)."""
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for key, mask in masks.items():
+        group = groups[tensor_role(key)[by]]
+        group[0] += int(mask.sum())
+        group[1] += mask.numel()
+    return {name: (kept, total) for name, (kept, total) in sorted(groups.items())}
+
+
+def summarize(mask: FishMask) -> str:
+    """Multi-line summary: k of total, the pass, and the selected fraction per module and matrix."""
+    meta = mask.metadata
+    lines = [
+        f"FISH mask: {mask.k:,} of {mask.total:,} adapter entries trainable "
+        f"({mask.k / mask.total:.2%}), strategy={meta.get('strategy')}, seed={meta.get('seed')}",
+    ]
+    if meta.get("num_examples") is not None:
+        lines.append(
+            f"  Fisher pass: {meta['num_examples']} examples in "
+            f"{meta.get('fisher_seconds', 0):.1f} s"
+        )
+    for title, by in (("module", 0), ("matrix", 1)):
+        parts = [
+            f"{name} {kept / total:.1%}"
+            for name, (kept, total) in selected_fractions(mask.masks, by).items()
+        ]
+        lines.append(f"  selected per {title}: " + ", ".join(parts))
+    tie = meta.get("tie_break")
+    if tie:
+        lines.append(
+            f"  ties: {tie['chosen']:,} entries drawn at random (seed {meta.get('seed')}) among "
+            f"{tie['tied']:,} with equal score {tie['score']:.3g}"
+        )
+    return "\n".join(lines)

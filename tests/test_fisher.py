@@ -1,0 +1,118 @@
+"""The batched Fisher pass equals an independent batch-size-1 reference loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.fisher import fisher_scores, per_example_loss
+from tiny_peft import padded_batches, tiny_lora_model
+
+
+def reference_fisher(model, batches, params, num_samples):
+    """Peers' loop: one example at a time, HF's own loss (mean over label tokens), grad squared."""
+    model.eval()
+    keys = list(params)
+    scores = {key: torch.zeros_like(p) for key, p in params.items()}
+    seen = 0
+    for batch in batches:
+        for n in range(batch["input_ids"].shape[0]):
+            if seen == num_samples:
+                break
+            row = {k: v[n : n + 1] for k, v in batch.items()}
+            loss = model(**row).loss
+            grads = torch.autograd.grad(loss, [params[k] for k in keys])
+            for key, grad in zip(keys, grads, strict=True):
+                scores[key] += grad.square()
+            seen += 1
+    model.train()
+    return {key: score / seen for key, score in scores.items()}
+
+
+def max_relative_error(scores, reference):
+    return max(
+        float((scores[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in reference
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_matches_batch_size_one_reference(arch, batched):
+    model = tiny_lora_model(arch)
+    params = adapter_parameters(model)
+    batches = padded_batches(n_rows=11, batch_size=4)
+    result = fisher_scores(model, batches, params, num_samples=9, batched=batched, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=9)
+    assert result.num_examples == 9
+    assert set(result.scores) == set(reference)
+    assert max_relative_error(result.scores, reference) < 1e-4
+    assert all(float(s.min()) >= 0 for s in result.scores.values())
+
+
+def test_batched_covers_every_lora_factor_without_per_example_loop(monkeypatch):
+    import axolotl_fish.fisher as fisher
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("plain LoRA factors must not take the per-example path")
+
+    monkeypatch.setattr(fisher, "_accumulate_rowwise", forbidden)
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    fisher_scores(model, padded_batches(8, 4), params, num_samples=8, progress=False)
+
+
+def test_per_example_loss_is_each_rows_own_mean():
+    model = tiny_lora_model("llama").eval()
+    batch = padded_batches(n_rows=3, batch_size=3)[0]
+    with torch.no_grad():
+        losses, has_labels = per_example_loss(model(**batch).logits, batch["labels"])
+        for n in range(3):
+            row = {k: v[n : n + 1] for k, v in batch.items()}
+            assert torch.allclose(losses[n], model(**row).loss, atol=1e-5)
+    assert has_labels.all()
+
+
+def test_dropout_off_grads_untouched_training_mode_restored():
+    model = tiny_lora_model("llama")  # lora_dropout=0.1
+    model.train()
+    params = adapter_parameters(model)
+    batches = padded_batches(8, 4)
+    first = fisher_scores(model, batches, params, num_samples=8, progress=False)
+    second = fisher_scores(model, batches, params, num_samples=8, progress=False)
+    for key in params:
+        assert torch.equal(first.scores[key], second.scores[key]), key
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_rows_without_labels_are_skipped_and_num_samples_is_exact():
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    batches = padded_batches(12, 4)
+    batches[0]["labels"][1] = -100  # this row carries no label token
+    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
+    kept = [{k: v[[0, 2, 3]] for k, v in batches[0].items()}, batches[1]]
+    reference = reference_fisher(model, kept, params, num_samples=6)
+    assert result.num_examples == 6
+    assert max_relative_error(result.scores, reference) < 1e-4
+
+
+def test_rng_and_shuffled_order_unchanged():
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    batch = padded_batches(8, 8)[0]
+    rows = [{k: v[n] for k, v in batch.items()} for n in range(8)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, shuffle=True)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    fisher_scores(model, loader, params, num_samples=4, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_no_labelled_example_is_an_error():
+    model = tiny_lora_model("llama")
+    batch = padded_batches(2, 2)[0]
+    batch["labels"][:] = -100
+    with pytest.raises(ValueError, match="no example with label tokens"):
+        fisher_scores(model, [batch], adapter_parameters(model), num_samples=2, progress=False)

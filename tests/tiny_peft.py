@@ -1,0 +1,82 @@
+"""In-memory tiny PEFT models and padded batches for fast unit tests of the core."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 97
+
+
+def tiny_base_model(arch: str = "llama", seed: int = 0) -> nn.Module:
+    """A 2-layer random causal LM: Llama (nn.Linear projections) or GPT-2 (Conv1D)."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return LlamaForCausalLM(config)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return GPT2LMHeadModel(config)
+    raise ValueError(arch)
+
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def tiny_lora_model(
+    arch: str = "llama", seed: int = 0, nonzero_b: bool = True, **lora_kwargs
+) -> nn.Module:
+    """A tiny PEFT LoRA model; `nonzero_b` perturbs lora_B so every Fisher score is non-trivial."""
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS[arch],
+        lora_dropout=0.1,
+        fan_in_fan_out=arch == "gpt2",
+        **lora_kwargs,
+    )
+    model = get_peft_model(tiny_base_model(arch, seed), config)
+    if nonzero_b:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
+    return model
+
+
+def padded_batches(
+    n_rows: int, batch_size: int, seed: int = 0, pad_id: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded rows of varied length with a masked prompt (-100) and padding (-100)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_rows):
+        length = int(torch.randint(6, 20, (1,), generator=generator))
+        prompt = int(torch.randint(2, length - 2, (1,), generator=generator))
+        ids = torch.randint(1, VOCAB, (length,), generator=generator)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        rows.append((ids, labels))
+    batches = []
+    for start in range(0, n_rows, batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id)
+        labels = torch.full((len(chunk), width), -100)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(chunk):
+            input_ids[i, : len(ids)] = ids
+            labels[i, : len(ids)] = lab
+            attention[i, : len(ids)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": attention, "labels": labels})
+    return batches
