@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish.adapter_tensors import adapter_parameters
 from axolotl_fish.fisher import fisher_scores, per_example_loss
-from tiny_peft import padded_batches, tiny_lora_model
 
 
 def reference_fisher(model, batches, params, num_samples):

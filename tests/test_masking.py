@@ -16,7 +16,9 @@ def masked_setup(keep: float = 0.3, empty_key_part: str | None = "lora_A"):
     params = adapter_parameters(model)
     scores = random_scores(params, seed=0)
     if empty_key_part:  # make some tensors lose every entry, as lora_A does at init
-        scores = {k: s * 0 if empty_key_part in k and "layers.0" in k else s for k, s in scores.items()}
+        scores = {
+            k: s * 0 if empty_key_part in k and "layers.0" in k else s for k, s in scores.items()
+        }
     total = sum(p.numel() for p in params.values())
     masks = select_top_k(scores, round(keep * total), seed=0).masks
     return model, params, masks
@@ -50,7 +52,7 @@ def test_masked_entries_bitwise_frozen_under_adamw_decay_accumulation_and_clippi
 
 
 def test_tensors_without_selected_entries_stop_requiring_grad():
-    model, params, masks = masked_setup()
+    _, params, masks = masked_setup()
     GradientMask(params, masks)
     empty = [k for k, m in masks.items() if not m.any()]
     assert empty, "the setup must produce empty tensors"
@@ -67,6 +69,8 @@ def test_restore_is_needed_weight_decay_moves_zero_grad_entries():
     model(**padded_batches(4, 4)[0]).loss.backward()
     optimizer.step()
     changed = [
-        k for k, p in params.items() if not torch.equal(p.detach()[~masks[k]], initial[k][~masks[k]])
+        k
+        for k, p in params.items()
+        if not torch.equal(p.detach()[~masks[k]], initial[k][~masks[k]])
     ]
     assert changed

@@ -52,7 +52,7 @@ def test_no_tie_break_reported_when_none_was_needed():
 
 
 def test_non_finite_scores_name_the_tensor():
-    with pytest.raises(ValueError, match="'layer.lora_B'"):
+    with pytest.raises(ValueError, match=r"'layer\.lora_B'"):
         select_top_k({"ok": torch.ones(3), "layer.lora_B": torch.tensor([1.0, float("nan")])}, 1, 0)
 
 

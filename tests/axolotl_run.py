@@ -1,0 +1,250 @@
+"""Offline building blocks for tests that train with axolotl on CPU.
+
+Everything here is made locally and deterministically (no model hub, no network): a tiny byte-level
+BPE tokenizer, tiny random causal LMs saved with it, an alpaca JSONL data set, a CPU-safe LoRA
+config, and runners for ``axolotl train``. Fixtures in ``conftest.py`` wrap these; tests import
+the plain functions (``from axolotl_run import write_config, run_axolotl_train``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+# huggingface_hub reads these when first imported, so conftest sets them before anything imports
+# transformers; that is why transformers is imported inside the functions below.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",  # telemetry otherwise retries network calls
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+
+ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2")
+
+# Default LoRA targets per model_type; GPT-2 uses fused Conv1D projections instead of q/v_proj.
+LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+}
+
+LABELS: tuple[str, str] = ("positive", "negative")
+INSTRUCTION = "Classify the sentiment of the review."
+_SUBJECTS = ("the movie", "the plot", "the acting", "the music", "the ending", "this film")
+_WORDS: dict[str, tuple[str, ...]] = {
+    "positive": ("great", "wonderful", "lovely", "superb", "fun", "moving", "charming"),
+    "negative": ("terrible", "boring", "awful", "dull", "bad", "painful", "tedious"),
+}
+# axolotl's alpaca prompt (prompters.AlpacaPrompter); the tokenizer learns it so rows stay short.
+_ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+_SPECIAL_TOKENS = {
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+}
+
+
+def alpaca_rows(n_rows: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short sentiment rows with alternating labels, so any batch of two or more has both."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_rows):
+        label = LABELS[i % 2]
+        review = f"{rng.choice(_SUBJECTS)} was {rng.choice(_WORDS[label])}."
+        rows.append({"instruction": INSTRUCTION, "input": review, "output": label})
+    return rows
+
+
+def alpaca_text(row: dict[str, str]) -> str:
+    """The text axolotl's ``type: alpaca`` strategy builds from one row (without BOS/EOS)."""
+    return (
+        f"{_ALPACA_SYSTEM}\n\n### Instruction:\n{row['instruction']}\n\n"
+        f"### Input:\n{row['input']}\n\n### Response:\n{row['output']}"
+    )
+
+
+def build_tokenizer(vocab_size: int = 512, n_lines: int = 300) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on alpaca-formatted rows: any text encodes, the prompt stays short.
+
+    A BOS is prepended like Llama's tokenizer does; axolotl appends EOS itself.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([alpaca_text(r) for r in alpaca_rows(n_lines, seed=1)], trainer)
+    bos = _SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tok.token_to_id(bos))],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **_SPECIAL_TOKENS)
+
+
+def tiny_model_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """A 2-layer, 64-wide config; dropout off so runs are reproducible."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    decoder: dict[str, Any] = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
+    if arch == "llama":
+        return LlamaConfig(**decoder, **ids)
+    if arch == "qwen2":
+        return Qwen2Config(**decoder, **ids)
+    if arch == "gpt2":
+        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **no_dropout, **ids)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def save_tiny_model(
+    arch: str, tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int = 0
+) -> Path:
+    """Save a seeded random fp32 model plus tokenizer: a folder usable as ``base_model``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        tiny_model_config(arch, tokenizer), dtype=torch.float32
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_alpaca_jsonl(path: Path, n_rows: int = 64, seed: int = 0) -> Path:
+    """Write ``alpaca_rows`` as JSONL; 64 rows = 16 micro-batches of 4."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_rows(n_rows, seed)))
+    return path
+
+
+def write_config(tmp_path: Path, base_model_dir: Path, data_path: Path, **overrides: Any) -> Path:
+    """Write a CPU-safe LoRA config to ``tmp_path/config.yaml``; ``overrides`` replace top keys.
+
+    LoRA targets default per the model's ``model_type`` (see ``LORA_TARGETS``). The fused Triton
+    LoRA kernels and bf16/fp16/tf32 are off: axolotl turns them on without checking for CUDA.
+    """
+    model_type = json.loads((Path(base_model_dir) / "config.json").read_text())["model_type"]
+    cfg: dict[str, Any] = {
+        "base_model": str(base_model_dir),
+        "datasets": [{"path": str(data_path), "ds_type": "json", "type": "alpaca"}],
+        "adapter": "lora",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": LORA_TARGETS[model_type],
+        "sequence_len": 128,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "lora_embedding_kernel": False,
+        "val_set_size": 0,
+        "save_steps": 2,
+        "output_dir": str(tmp_path / "out"),
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        "seed": 42,
+        "logging_steps": 1,
+        "save_safetensors": True,
+    }
+    cfg.update(overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _offline_env() -> dict[str, str]:
+    """This environment plus OFFLINE_ENV, with the venv's bin/ first: ``axolotl train`` execs
+    ``accelerate launch`` found on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **OFFLINE_ENV}
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
+def run_axolotl_train(
+    config_path: Path, cwd: Path, timeout: float = 300.0, extra_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``axolotl train CONFIG`` CLI offline on CPU; raise with the log tail on failure.
+
+    The CLI runs in its own process group so a timeout also kills the ``accelerate launch`` child.
+    ``extra_args`` go after the config, e.g. ``("--launcher", "python")`` to skip accelerate.
+    """
+    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path), *extra_args]
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=_offline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            raise AssertionError(
+                f"`{' '.join(cmd)}` timed out after {timeout}s; last output:\n{output[-4000:]}"
+            ) from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout=output)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"`{' '.join(cmd)}` exited with {result.returncode}; last output:\n{output[-4000:]}"
+        )
+    return result
+
+
+def load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Tensors of ``adapter_model.safetensors`` in an output or ``checkpoint-N`` folder."""
+    return load_file(Path(adapter_dir) / "adapter_model.safetensors")

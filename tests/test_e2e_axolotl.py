@@ -1,0 +1,140 @@
+"""`axolotl train` with the plugin, through the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
+
+from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+
+pytestmark = pytest.mark.e2e
+
+FISH = {"plugins": ["axolotl_fish.FishMaskPlugin"]}
+# Settings that would move masked entries if masking were wrong: decay, clipping, accumulation.
+HARSH = {
+    "weight_decay": 0.1,
+    "max_grad_norm": 0.5,
+    "gradient_accumulation_steps": 2,
+    "micro_batch_size": 2,
+    "lora_dropout": 0.1,
+}
+
+
+def assert_frozen_outside_mask(mask: FishMask, reference: dict, folders) -> None:
+    for folder in folders:
+        adapter = load_adapter_tensors(folder)
+        for key, keep in mask.masks.items():
+            assert torch.equal(adapter[key][~keep], reference[key][~keep]), (folder, key)
+
+
+@pytest.fixture(scope="module")
+def fish_run(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
+    """One 4-step FISH run with checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("fish_run")
+    fish_mask = {"keep_ratio": 0.5, "num_samples": 24, "strategy": "fisher", "seed": 42}
+    config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **FISH, **HARSH, fish_mask=fish_mask)
+    result = run_axolotl_train(config, cwd=tmp)
+    return tmp / "out", result.stdout
+
+
+def test_checkpoints_and_adapter_carry_the_same_exact_k_mask(fish_run):
+    out, log = fish_run
+    folders = [out / "checkpoint-2", out / "checkpoint-4", out]
+    masks = [FishMask.load(folder / MASK_FILENAME) for folder in folders]
+    adapter = load_adapter_tensors(out)
+    mask = masks[0]
+    assert set(mask.masks) == set(adapter)
+    assert all(mask.masks[k].shape == adapter[k].shape for k in adapter)
+    assert mask.k == round(0.5 * mask.total) == mask.metadata["k"]
+    assert mask.metadata["strategy"] == "fisher" and mask.metadata["num_examples"] == 24
+    assert mask.metadata["r"] == 8 and mask.metadata["base_model_name_or_path"]
+    for other in masks[1:]:
+        assert all(torch.equal(other.masks[k], m) for k, m in mask.masks.items())
+    assert "FISH mask: " in log and "Fisher pass: 24 examples" in log
+
+
+def test_masked_entries_never_move(fish_run):
+    out, _ = fish_run
+    mask = FishMask.load(out)
+    first = load_adapter_tensors(out / "checkpoint-2")
+    # lora_B starts at exactly zero: masked B entries must still be zero everywhere.
+    zeros = {k: torch.zeros_like(t) for k, t in first.items() if "lora_B" in k}
+    b_mask = FishMask({k: mask.masks[k] for k in zeros})
+    assert_frozen_outside_mask(b_mask, zeros, [out / "checkpoint-2", out / "checkpoint-4", out])
+    assert_frozen_outside_mask(mask, first, [out / "checkpoint-4", out])
+    final = load_adapter_tensors(out)
+    moved = sum(int((final[k] != first[k])[m].sum()) for k, m in mask.masks.items())
+    assert moved > 0.5 * mask.k
+
+
+def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl):
+    out, _ = fish_run
+    resumed_out = tmp_path / "out"
+    resumed_out.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
+    # Another seed and strategy: a recomputed mask would differ, the checkpoint's must win.
+    config = write_config(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **FISH,
+        **HARSH,
+        fish_mask={"keep_ratio": 0.5, "strategy": "random", "seed": 7},
+        auto_resume_from_checkpoints=True,
+    )
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    assert "resuming with the mask saved in" in log
+    original = FishMask.load(out / "checkpoint-2")
+    for folder in (resumed_out / "checkpoint-4", resumed_out):
+        resumed = FishMask.load(folder)
+        assert all(torch.equal(resumed.masks[k], m) for k, m in original.masks.items())
+    assert_frozen_outside_mask(
+        original,
+        load_adapter_tensors(out / "checkpoint-2"),
+        [resumed_out / "checkpoint-4", resumed_out],
+    )
+
+
+def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
+    fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl
+):
+    out, _ = fish_run
+    config = write_config(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **FISH,
+        max_steps=2,
+        fish_mask={"keep_ratio": 0.5, "mask_path": str(out / MASK_FILENAME)},
+    )
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    assert "no Fisher pass" in log and "scoring adapter entries" not in log
+    reused = FishMask.load(tmp_path / "out")
+    original = FishMask.load(out)
+    assert all(torch.equal(reused.masks[k], m) for k, m in original.masks.items())
+
+    foreign = write_config(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **FISH,
+        lora_target_modules=["q_proj", "k_proj"],
+        fish_mask={"keep_ratio": 0.5, "mask_path": str(out / MASK_FILENAME)},
+    )
+    with pytest.raises(AssertionError, match=r"k_proj\.lora_A\.weight"):
+        run_axolotl_train(foreign, cwd=tmp_path)
+
+
+def test_qwen2_random_strategy(tmp_path, tiny_qwen2_dir, alpaca_jsonl):
+    fish_mask = {"keep_ratio": 0.25, "strategy": "random", "seed": 3}
+    config = write_config(tmp_path, tiny_qwen2_dir, alpaca_jsonl, **FISH, fish_mask=fish_mask)
+    run_axolotl_train(config, cwd=tmp_path)
+    mask = FishMask.load(tmp_path / "out")
+    assert mask.k == round(0.25 * mask.total)
+    assert "num_examples" not in mask.metadata  # no Fisher pass for random
+    assert_frozen_outside_mask(
+        mask, load_adapter_tensors(tmp_path / "out" / "checkpoint-2"), [tmp_path / "out"]
+    )

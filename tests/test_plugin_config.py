@@ -1,0 +1,83 @@
+"""The `fish_mask:` block in Axolotl's own config validation."""
+
+from __future__ import annotations
+
+import pytest
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+
+PLUGIN = "axolotl_fish.FishMaskPlugin"
+
+
+@pytest.fixture
+def make_cfg(tiny_llama_dir, alpaca_jsonl):
+    def make(**overrides) -> DictDefault:
+        cfg = {
+            "base_model": str(tiny_llama_dir),
+            "datasets": [{"path": str(alpaca_jsonl), "ds_type": "json", "type": "alpaca"}],
+            "adapter": "lora",
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_target_modules": ["q_proj", "v_proj"],
+            "sequence_len": 64,
+            "micro_batch_size": 2,
+            "num_epochs": 1,
+            "learning_rate": 1e-3,
+            "output_dir": "./out",
+            "bf16": False,
+            "fp16": False,
+            "plugins": [PLUGIN],
+            "fish_mask": {"keep_ratio": 0.5},
+        }
+        cfg.update(overrides)
+        return DictDefault(cfg)
+
+    return make
+
+
+def validated(cfg: DictDefault) -> DictDefault:
+    prepare_plugins(cfg)
+    return validate_config(cfg)
+
+
+def test_defaults_filled_and_cpu_kernels_turned_off(make_cfg):
+    cfg = validated(make_cfg())
+    assert cfg.fish_mask == {
+        "keep_ratio": 0.5,
+        "num_samples": 1024,
+        "strategy": "fisher",
+        "seed": 42,
+    }
+    assert cfg.lora_qkv_kernel is False and cfg.lora_mlp_kernel is False
+    assert cfg.lora_o_kernel is False and cfg.lora_embedding_kernel is False
+
+
+def test_explicit_kernel_setting_is_kept_false(make_cfg):
+    assert validated(make_cfg(lora_o_kernel=False)).lora_o_kernel is False
+
+
+def test_without_the_block_the_plugin_changes_nothing(make_cfg):
+    cfg = make_cfg()
+    del cfg["fish_mask"]
+    assert validated(cfg).fish_mask is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fish_mask": {"keep_ratio": 1.5}}, "fish_mask.keep_ratio"),
+        ({"fish_mask": {"keep_ratio": 0.0}}, "fish_mask.keep_ratio"),
+        ({"fish_mask": {}}, "fish_mask.keep_ratio"),
+        ({"fish_mask": {"keep_ratio": 0.5, "num_samples": 0}}, "fish_mask.num_samples"),
+        (
+            {"fish_mask": {"keep_ratio": 0.5, "strategy": "magic"}},
+            "'fisher', 'random' or 'reverse'",
+        ),
+        ({"fish_mask": {"keep_ratio": 0.5, "kep_ratio": 1}}, "fish_mask.kep_ratio"),
+        ({"adapter": None}, "set `adapter: lora`"),
+        ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
+    ],
+)
+def test_bad_settings_are_named(make_cfg, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validated(make_cfg(**overrides))
