@@ -87,6 +87,7 @@ def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, al
     )
     log = run_axolotl_train(config, cwd=tmp_path).stdout
     assert "resuming with the mask saved in" in log
+    assert "strategy: config 'random', mask 'fisher'; seed: config 7, mask 42" in log
     original = FishMask.load(out / "checkpoint-2")
     for folder in (resumed_out / "checkpoint-4", resumed_out):
         resumed = FishMask.load(folder)

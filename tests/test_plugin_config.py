@@ -76,6 +76,8 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"fish_mask": {"keep_ratio": 0.5, "kep_ratio": 1}}, "fish_mask.kep_ratio"),
         ({"adapter": None}, "set `adapter: lora`"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
+        ({"deepspeed": "zero2.json"}, "does not support deepspeed yet"),
+        ({"fsdp_config": {"fsdp_version": 2}}, "does not support fsdp_config yet"),
     ],
 )
 def test_bad_settings_are_named(make_cfg, overrides, message):

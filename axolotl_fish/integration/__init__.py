@@ -45,7 +45,11 @@ class FishMaskPlugin(BasePlugin):
         if not cfg.fish_mask:
             return
         config = FishMaskConfig(**cfg.fish_mask)
-        mask = _resume_mask(cfg) or _mask_from_file(config) or _computed_mask(trainer, config)
+        mask = _resume_mask(cfg) or _mask_from_file(config)
+        if mask is None:
+            mask = _computed_mask(trainer, config)
+        else:
+            _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
         trainer.add_callback(FishMaskCallback(trainer.model, mask))
 
@@ -75,6 +79,21 @@ def _mask_from_file(config: FishMaskConfig) -> FishMask | None:
         return None
     LOG.info(f"fish_mask: using the saved mask {config.mask_path} (no Fisher pass)")
     return FishMask.load(config.mask_path)
+
+
+def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
+    """A loaded mask wins over the config; say so when they disagree."""
+    differ = [
+        f"{name}: config {getattr(config, name)!r}, mask {mask.metadata.get(name)!r}"
+        for name in ("strategy", "keep_ratio", "seed")
+        if name in mask.metadata and mask.metadata[name] != getattr(config, name)
+    ]
+    if differ:
+        LOG.warning(
+            "fish_mask: the loaded mask was made with other settings; it is used as saved ("
+            + "; ".join(differ)
+            + ")"
+        )
 
 
 def _computed_mask(trainer: Trainer, config: FishMaskConfig) -> FishMask:

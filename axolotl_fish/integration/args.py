@@ -30,6 +30,12 @@ class FishMaskPluginArgs(BaseModel):
                 f"fish_mask masks the entries of a LoRA adapter: set `adapter: lora` "
                 f"(got adapter={adapter!r})."
             )
+        sharded = [key for key in ("deepspeed", "fsdp", "fsdp_config") if data.get(key)]
+        if sharded:
+            raise ValueError(
+                f"fish_mask does not support {sharded[0]} yet: sharded or flattened parameters "
+                f"would not match the mask. Train on one device or with plain DDP."
+            )
         enabled = [key for key in LORA_KERNEL_KEYS if data.get(key)]
         if enabled:
             raise ValueError(
