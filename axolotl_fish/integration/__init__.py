@@ -7,6 +7,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
+from torch import nn
 from transformers import Trainer
 
 from axolotl_fish.callback import FishMaskCallback
@@ -22,6 +23,8 @@ LOG = get_logger(__name__)
 class FishMaskPlugin(BasePlugin):
     """FISH-Tuning: compute a Fisher mask before training and train only its entries."""
 
+    _mask: FishMask | None = None
+
     def get_input_args(self) -> str:
         return "axolotl_fish.integration.args.FishMaskPluginArgs"
 
@@ -36,9 +39,8 @@ class FishMaskPlugin(BasePlugin):
             cfg[key] = False
         if unset:
             LOG.info(
-                "fish_mask: turned off Axolotl's fused LoRA kernels (%s); they bypass the LoRA "
-                "modules whose inputs the Fisher pass records.",
-                ", ".join(unset),
+                f"fish_mask: turned off Axolotl's fused LoRA kernels ({', '.join(unset)}); they "
+                f"bypass the LoRA modules whose inputs the Fisher pass records."
             )
 
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
@@ -52,6 +54,14 @@ class FishMaskPlugin(BasePlugin):
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
         trainer.add_callback(FishMaskCallback(trainer.model, mask))
+        self._mask = mask
+
+    def post_train(self, cfg: DictDefault, model: nn.Module) -> None:
+        # Axolotl calls post_train twice (before and after the final save): report once.
+        mask, self._mask = self._mask, None
+        if mask is not None:
+            path = Path(cfg.output_dir) / MASK_FILENAME
+            LOG.info(f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
 
 
 def _resume_mask(cfg: DictDefault) -> FishMask | None:
