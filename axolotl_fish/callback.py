@@ -16,6 +16,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.distributed import check_identical_across_ranks
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
 
@@ -24,12 +25,14 @@ class FishMaskCallback(TrainerCallback):
     """Freezes unselected entries and writes the mask beside every checkpoint and the final adapter.
 
     Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
-    here, before the optimizer is built.
+    here, before the optimizer is built. Under torch.distributed it first checks that every
+    rank holds the same mask.
     """
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
         params = adapter_parameters(model)
         mask.check_matches(params)
+        check_identical_across_ranks(mask.masks)
         self.mask = mask
         self.gradient_mask = GradientMask(params, mask.masks)
 

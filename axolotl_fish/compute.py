@@ -48,6 +48,7 @@ def compute_fish_mask(
     k = budget(config.keep_ratio, total)
     metadata: dict[str, Any] = {
         "strategy": config.strategy,
+        "fisher": config.fisher,
         "keep_ratio": config.keep_ratio,
         "k": k,
         "total": total,
@@ -59,7 +60,14 @@ def compute_fish_mask(
     if config.strategy == "random":
         scores = random_scores(params, config.seed)
     else:
-        fisher = fisher_scores(model, batches, params, config.num_samples, progress=progress)
+        fisher = fisher_scores(
+            model,
+            batches,
+            params,
+            config.num_samples,
+            sampled_labels_seed=config.seed if config.fisher == "sampled" else None,
+            progress=progress,
+        )
         metadata |= {"num_examples": fisher.num_examples, "fisher_seconds": fisher.seconds}
         sign = -1.0 if config.strategy == "reverse" else 1.0
         scores = {key: sign * score for key, score in fisher.scores.items()}

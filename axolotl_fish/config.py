@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Strategy = Literal["fisher", "random", "reverse"]
+FisherKind = Literal["empirical", "sampled"]
 
 
 class FishMaskConfig(BaseModel):
@@ -25,6 +26,11 @@ class FishMaskConfig(BaseModel):
         default=1024, ge=1, description="Training examples used to estimate the Fisher information."
     )
     strategy: Strategy = Field(default="fisher", description="How entries are ranked.")
+    fisher: FisherKind = Field(
+        default="empirical",
+        description="`empirical`: gradients at the data's labels (the paper); `sampled`: at labels "
+        "drawn from the model's own predictive distribution (the true Fisher).",
+    )
     seed: int = Field(
         default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."
     )

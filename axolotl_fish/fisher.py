@@ -10,20 +10,26 @@ Two paths compute the same numbers:
   sum_t g_t x_t^T, formed from the layer's recorded inputs x and output gradients g.
 - Every other trainable tensor (DoRA magnitudes and DoRA-coupled factors, embedding factors,
   modules_to_save copies) takes the generic path: one forward and backward per example.
+
+`empirical` Fisher uses the data's labels (the paper); `sampled` Fisher replaces each label token
+by a draw from the model's own predictive distribution (the true Fisher). A draw depends only on
+(seed, example index, position), so both paths draw the same labels.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from axolotl_fish.distributed import share_of, sum_over_ranks
 from axolotl_fish.rng import preserved_rng_state
 
 IGNORE_INDEX = -100
@@ -57,12 +63,36 @@ def per_example_loss(
     return sums / counts.clamp(min=1), counts > 0
 
 
+def sample_labels(
+    logits: torch.Tensor, labels: torch.Tensor, first_index: int, seed: int
+) -> torch.Tensor:
+    """Labels with every label token replaced by a draw from softmax(logits) at its position.
+
+    Inverse-CDF sampling with one uniform per position, generated per example from
+    (seed, example index): independent of how examples are grouped into batches.
+    """
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    uniforms = torch.stack(
+        [
+            torch.rand(targets.shape[1], generator=torch.Generator().manual_seed(seed + (i << 32)))
+            for i in range(first_index, first_index + labels.shape[0])
+        ]
+    ).to(logits.device)
+    cdf = logits[:, :-1][valid].detach().float().softmax(dim=-1).cumsum(dim=-1)
+    draws = torch.searchsorted(cdf, uniforms[valid].unsqueeze(-1)).squeeze(-1)
+    sampled = labels.clone()
+    sampled[:, 1:][valid] = draws.clamp(max=logits.shape[-1] - 1)
+    return sampled
+
+
 def fisher_scores(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     params: Mapping[str, nn.Parameter],
     num_samples: int,
     *,
+    sampled_labels_seed: int | None = None,
     batched: bool = True,
     progress: bool = True,
 ) -> FisherScores:
@@ -70,50 +100,61 @@ def fisher_scores(
 
     `batches` are training micro-batches (input_ids, labels, ...), as the trainer collates them.
     Rows without label tokens are skipped. The model runs in eval mode (no dropout) and every
-    random generator is left as it was. `batched=False` sends every tensor down the
-    one-example-at-a-time path: the reference the batched path is tested against.
-    Under torch.distributed, scores and counts are summed over ranks, so all ranks agree.
+    random generator is left as it was. With `sampled_labels_seed`, labels are drawn from the
+    model (sampled Fisher). `batched=False` sends every tensor down the one-example-at-a-time
+    path: the reference the batched path is tested against.
+    Under torch.distributed each rank reads its share of `num_samples` from its own batches and
+    the scores are summed over ranks, so every rank ends with the same scores.
     """
     start = time.perf_counter()
     taps = _LinearTaps(model, params if batched else {})
     rowwise = {key: p for key, p in params.items() if key not in taps.covered}
     scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
     device = next(iter(params.values())).device
+    wanted = share_of(num_samples)
     seen = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=num_samples, unit="example", desc="Fisher pass", disable=not progress)
+    bar = tqdm(total=wanted, unit="example", desc="Fisher pass", disable=not progress)
     try:
         with preserved_rng_state():
             for raw_batch in batches:
                 batch = {k: v.to(device) for k, v in raw_batch.items()}
-                batch = _first_rows_with_labels(batch, num_samples - seen)
+                batch = _first_rows_with_labels(batch, wanted - seen)
                 rows = batch["input_ids"].shape[0]
                 if rows == 0:
                     continue
                 if taps.covered:
-                    taps.accumulate(model, batch, scores)
+                    forward = partial(_example_losses, model, batch, seen, sampled_labels_seed)
+                    taps.accumulate(forward, scores)
                 if rowwise:
-                    _accumulate_rowwise(model, batch, rowwise, scores)
+                    _accumulate_rowwise(model, batch, seen, sampled_labels_seed, rowwise, scores)
                 seen += rows
                 bar.update(rows)
-                if seen >= num_samples:
+                if seen >= wanted:
                     break
     finally:
         bar.close()
         taps.remove()
         model.train(was_training)
+    seen = sum_over_ranks(scores, seen)
     if seen == 0:
         raise ValueError("The Fisher pass saw no example with label tokens.")
-    seen = _sum_over_ranks(scores, seen)
     for score in scores.values():
         score.div_(seen)
     return FisherScores(scores=scores, num_examples=seen, seconds=time.perf_counter() - start)
 
 
-def _forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _example_losses(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], first_index: int, seed: int | None
+) -> torch.Tensor:
+    """Forward a batch; each row's own loss, on the data's labels or (with a seed) sampled ones."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs, use_cache=False).logits
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"]
+    if seed is not None:
+        labels = sample_labels(logits, labels, first_index, seed)
+    return per_example_loss(logits, labels)[0]
 
 
 def _first_rows_with_labels(batch: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
@@ -128,6 +169,8 @@ def _first_rows_with_labels(batch: dict[str, torch.Tensor], limit: int) -> dict[
 def _accumulate_rowwise(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
+    first_index: int,
+    seed: int | None,
     params: Mapping[str, nn.Parameter],
     scores: dict[str, torch.Tensor],
 ) -> None:
@@ -136,7 +179,7 @@ def _accumulate_rowwise(
     tensors = [params[key] for key in keys]
     for n in range(batch["input_ids"].shape[0]):
         row = {k: v[n : n + 1] for k, v in batch.items()}
-        loss, _ = per_example_loss(_forward_logits(model, row), row["labels"])
+        loss = _example_losses(model, row, first_index + n, seed)
         grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
         for key, grad in zip(keys, grads, strict=True):
             if grad is not None:
@@ -162,24 +205,28 @@ class _LinearTaps:
             self.modules[linear] = (weight_key, bias_key)
         self.covered = {key for keys in self.modules.values() for key in keys if key}
         self._calls: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._recording = False
         self._handles = [m.register_forward_hook(self._record) for m in self.modules]
 
     def _record(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> None:
-        self._calls[module].append((args[0].detach(), output))
+        if self._recording:
+            self._calls[module].append((args[0].detach(), output))
 
     def accumulate(
-        self, model: nn.Module, batch: Mapping[str, torch.Tensor], scores: dict[str, torch.Tensor]
+        self, forward: Callable[[], torch.Tensor], scores: dict[str, torch.Tensor]
     ) -> None:
-        """One batched forward and backward; adds every row's squared gradients to `scores`."""
-        self._calls.clear()
+        """Run `forward` (returning per-row losses) recording the factors' calls, backpropagate
+        once, and add every row's squared gradients to `scores`."""
+        self._recording = True
         try:
-            loss, _ = per_example_loss(_forward_logits(model, batch), batch["labels"])
+            loss = forward()
             calls = [(m, x, out) for m, pairs in self._calls.items() for x, out in pairs]
             # Gradients w.r.t. the factors' outputs only: backward skips every weight gradient.
             grads = torch.autograd.grad(loss.sum(), [out for _, _, out in calls], allow_unused=True)
         finally:
+            self._recording = False
             self._calls.clear()
         per_module: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         for (module, x, out), grad in zip(calls, grads, strict=True):
@@ -225,15 +272,3 @@ def _plain_lora_linears(model: nn.Module) -> Iterable[nn.Linear]:
             for factor in (lora_a, layer.lora_B[adapter]):
                 if isinstance(factor, nn.Linear):
                     yield factor
-
-
-def _sum_over_ranks(scores: dict[str, torch.Tensor], seen: int) -> int:
-    """Sum scores and example counts over ranks (a no-op outside torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return seen
-    device = next(iter(scores.values())).device
-    count = torch.tensor([seen], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(count)
-    for score in scores.values():
-        torch.distributed.all_reduce(score)
-    return int(count.item())

@@ -38,11 +38,12 @@ OFFLINE_ENV: dict[str, str] = {
 
 ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2")
 
-# Default LoRA targets per model_type; GPT-2 uses fused Conv1D projections instead of q/v_proj.
-LORA_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn", "c_proj"],
+# LoRA keys per model_type. GPT-2 has fused Conv1D projections (weight stored as in x out), which
+# lora_target_linear does not find; fan_in_fan_out says so to PEFT instead of a warning.
+LORA_BY_MODEL_TYPE: dict[str, dict[str, Any]] = {
+    "llama": {"lora_target_modules": ["q_proj", "v_proj"]},
+    "qwen2": {"lora_target_modules": ["q_proj", "v_proj"]},
+    "gpt2": {"lora_target_modules": ["c_attn", "c_proj"], "lora_fan_in_fan_out": True},
 }
 
 LABELS: tuple[str, str] = ("positive", "negative")
@@ -163,8 +164,8 @@ def write_alpaca_jsonl(path: Path, n_rows: int = 64, seed: int = 0) -> Path:
 def write_config(tmp_path: Path, base_model_dir: Path, data_path: Path, **overrides: Any) -> Path:
     """Write a CPU-safe LoRA config to ``tmp_path/config.yaml``; ``overrides`` replace top keys.
 
-    LoRA targets default per the model's ``model_type`` (see ``LORA_TARGETS``). The fused Triton
-    LoRA kernels and bf16/fp16/tf32 are off: axolotl turns them on without checking for CUDA.
+    LoRA targets follow the model's ``model_type`` (``LORA_BY_MODEL_TYPE``). The fused Triton LoRA
+    kernels and bf16/fp16/tf32 are off: axolotl turns them on without checking for CUDA.
     """
     model_type = json.loads((Path(base_model_dir) / "config.json").read_text())["model_type"]
     cfg: dict[str, Any] = {
@@ -174,7 +175,7 @@ def write_config(tmp_path: Path, base_model_dir: Path, data_path: Path, **overri
         "lora_r": 8,
         "lora_alpha": 16,
         "lora_dropout": 0.0,
-        "lora_target_modules": LORA_TARGETS[model_type],
+        **LORA_BY_MODEL_TYPE[model_type],
         "sequence_len": 128,
         "micro_batch_size": 4,
         "gradient_accumulation_steps": 1,
@@ -192,6 +193,7 @@ def write_config(tmp_path: Path, base_model_dir: Path, data_path: Path, **overri
         "save_steps": 2,
         "output_dir": str(tmp_path / "out"),
         "dataset_prepared_path": str(tmp_path / "prepared"),
+        "dataset_num_proc": 1,  # default is one per CPU: worker processes cost seconds of imports
         "seed": 42,
         "logging_steps": 1,
         "save_safetensors": True,
@@ -212,14 +214,13 @@ def _offline_env() -> dict[str, str]:
 
 
 def run_axolotl_train(
-    config_path: Path, cwd: Path, timeout: float = 300.0, extra_args: tuple[str, ...] = ()
+    config_path: Path, cwd: Path, timeout: float = 300.0
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``axolotl train CONFIG`` CLI offline on CPU; raise with the log tail on failure.
 
     The CLI runs in its own process group so a timeout also kills the ``accelerate launch`` child.
-    ``extra_args`` go after the config, e.g. ``("--launcher", "python")`` to skip accelerate.
     """
-    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path), *extra_args]
+    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path)]
     with subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -243,6 +244,29 @@ def run_axolotl_train(
             f"`{' '.join(cmd)}` exited with {result.returncode}; last output:\n{output[-4000:]}"
         )
     return result
+
+
+def train_in_process(config_path: Path) -> None:
+    """Run what the ``axolotl train`` child runs, in this process, so imports are paid once.
+
+    ``load_cfg`` registers plugins before validation (their keys survive), normalizes and hands
+    the config to the PluginManager; ``do_train`` loads data, trains and unloads. Afterwards the
+    process-wide state axolotl leaves behind is reset: its stdout tee into the run's debug.log and
+    the plugin registry. Monkeypatches axolotl applies to transformers stay for the session.
+    """
+    from axolotl.cli.args import TrainerCliArgs
+    from axolotl.cli.config import load_cfg
+    from axolotl.cli.train import do_train
+    from axolotl.integrations.base import PluginManager
+    from axolotl.utils.tee import close_debug_log
+
+    try:
+        do_train(load_cfg(str(config_path)), TrainerCliArgs())
+    finally:
+        close_debug_log()
+        manager = PluginManager.get_instance()
+        manager.plugins.clear()
+        manager.cfg = None
 
 
 def load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:

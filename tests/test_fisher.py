@@ -7,7 +7,7 @@ import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.fisher import fisher_scores, per_example_loss
+from axolotl_fish.fisher import fisher_scores, per_example_loss, sample_labels
 
 
 def reference_fisher(model, batches, params, num_samples):
@@ -116,3 +116,32 @@ def test_no_labelled_example_is_an_error():
     batch["labels"][:] = -100
     with pytest.raises(ValueError, match="no example with label tokens"):
         fisher_scores(model, [batch], adapter_parameters(model), num_samples=2, progress=False)
+
+
+def test_sampled_fisher_batched_matches_reference_and_is_seeded():
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    batches = padded_batches(10, 4)
+
+    def run(seed, batched=True):
+        return fisher_scores(
+            model, batches, params, 10, sampled_labels_seed=seed, batched=batched, progress=False
+        ).scores
+
+    sampled = run(5)
+    assert max_relative_error(sampled, run(5, batched=False)) < 1e-4
+    assert max_relative_error(sampled, run(5)) == 0
+    assert max_relative_error(sampled, run(6)) > 1e-3
+    empirical = fisher_scores(model, batches, params, 10, progress=False).scores
+    assert max_relative_error(sampled, empirical) > 1e-3
+
+
+def test_sample_labels_draws_only_at_label_positions_from_the_model():
+    labels = torch.tensor([[-100, -100, 4, 5, -100], [-100, 3, 3, 3, 3]])
+    logits = torch.full((2, 5, 10), -30.0)
+    logits[..., 7] = 30.0  # the model is certain of token 7 everywhere
+    sampled = sample_labels(logits, labels, first_index=0, seed=0)
+    assert sampled.tolist() == [[-100, -100, 7, 7, -100], [-100, 7, 7, 7, 7]]
+    uniform = sample_labels(torch.zeros(2, 5, 10), labels, first_index=0, seed=0)
+    assert (uniform == -100).equal(labels == -100)
+    assert len(set(uniform[1, 1:].tolist())) > 1
