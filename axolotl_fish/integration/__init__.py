@@ -7,7 +7,6 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
-from torch import nn
 from transformers import Trainer
 
 from axolotl_fish.callback import FishMaskCallback
@@ -56,8 +55,8 @@ class FishMaskPlugin(BasePlugin):
         trainer.add_callback(FishMaskCallback(trainer.model, mask))
         self._mask = mask
 
-    def post_train(self, cfg: DictDefault, model: nn.Module) -> None:
-        # Axolotl calls post_train twice (before and after the final save): report once.
+    def post_train_unload(self, cfg: DictDefault) -> None:
+        # The CLI's last hook, after the final adapter save: the report ends the run's log.
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME

@@ -1,0 +1,116 @@
+"""Training-step cost of a FISH mask vs plain LoRA, interleaved in one process.
+
+    python benchmarks/step_overhead.py [--steps 10] [--micro-batch 8] [--repeats 3]
+
+Variants, each on its own copy of the same LoRA model and the same batches:
+- plain: ordinary LoRA;
+- masked: a 50% mask spread over every tensor (the worst case: every tensor partly masked, so
+  every tensor carries a gradient hook and is restored after each step);
+- frozen_A: every lora_A tensor has an empty mask (B fully trainable), as Fisher masks at
+  initialisation often are; A then needs no gradient at all.
+A step is forward, backward, clip_grad_norm, AdamW (weight decay 0.01) step, zero_grad, and the
+mask's restore. Medians over steps are reported. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import (
+    add_common_args,
+    demo_batches,
+    lora_model,
+    machine,
+    median,
+    peak_in_subprocess,
+    process_peak_bytes,
+    reset_peak,
+    timed,
+)
+
+from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.compute import random_scores
+from axolotl_fish.masking import GradientMask
+from axolotl_fish.selection import select_top_k
+
+
+class Variant:
+    """A model copy with its optimizer and, optionally, a mask applied like the callback does."""
+
+    def __init__(self, model, masks=None) -> None:
+        self.model = model
+        self.mask = None
+        if masks is not None:
+            self.mask = GradientMask(adapter_parameters(model), masks)
+            self.mask.snapshot()
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=0.01)
+        model.train()
+
+    def step(self, batch) -> None:
+        self.model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mask is not None:
+            self.mask.restore()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    args = parser.parse_args()
+
+    def fresh():
+        return lora_model(args.model, args.rank, args.device)
+
+    params = adapter_parameters(fresh())
+    total = sum(p.numel() for p in params.values())
+    masks = {
+        "plain": None,
+        "masked": select_top_k(random_scores(params, seed=0), total // 2, seed=0).masks,
+        "frozen_A": {k: torch.full(p.shape, "lora_B" in k) for k, p in params.items()},
+    }
+    n_rows = args.steps * args.micro_batch
+    batches = demo_batches(args.model, args.data, n_rows, args.micro_batch, args.device)
+    if args.peak_of:
+        variant = Variant(fresh(), masks[args.peak_of])
+        reset_peak(args.device)
+        for batch in batches:
+            variant.step(batch)
+        print(json.dumps({"peak_bytes": process_peak_bytes(args.device)}))
+        return
+    variants = {name: Variant(fresh(), mask) for name, mask in masks.items()}
+    for variant in variants.values():  # warm-up: allocator, optimizer state
+        variant.step(batches[0])
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(args.repeats):
+        for name, variant in variants.items():
+            for batch in batches:
+                seconds[name].append(timed(lambda v=variant, b=batch: v.step(b), args.device))
+            step = median(seconds[name][-len(batches) :])
+            print(f"round {round_ + 1} {name:8s} {step:.3f} s/step", flush=True)
+    peaks = {name: peak_in_subprocess(name) for name in variants}
+
+    print(f"\n{machine()}; SmolLM2-135M, LoRA r={args.rank} on q,k,v,o ({total:,} entries)")
+    print(
+        f"micro-batch {args.micro_batch}, {args.steps} steps x {args.repeats} interleaved rounds\n"
+    )
+    print("| variant | median s/step | process peak memory MiB |")
+    print("| --- | --- | --- |")
+    for name in variants:
+        print(f"| {name} | {median(seconds[name]):.3f} | {peaks[name] / 2**20:.0f} |")
+    plain = median(seconds["plain"])
+    result = {
+        "step_time_ratio": round(median(seconds["masked"]) / plain, 3),
+        "peak_memory_ratio": round(peaks["masked"] / peaks["plain"], 3),
+        "frozen_A_step_time_ratio": round(median(seconds["frozen_A"]) / plain, 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
