@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import torch
 import yaml
@@ -193,7 +194,6 @@ def write_config(tmp_path: Path, base_model_dir: Path, data_path: Path, **overri
         "save_steps": 2,
         "output_dir": str(tmp_path / "out"),
         "dataset_prepared_path": str(tmp_path / "prepared"),
-        "dataset_num_proc": 1,  # default is one per CPU: worker processes cost seconds of imports
         "seed": 42,
         "logging_steps": 1,
         "save_safetensors": True,
@@ -250,18 +250,28 @@ def train_in_process(config_path: Path) -> None:
     """Run what the ``axolotl train`` child runs, in this process, so imports are paid once.
 
     ``load_cfg`` registers plugins before validation (their keys survive), normalizes and hands
-    the config to the PluginManager; ``do_train`` loads data, trains and unloads. Afterwards the
-    process-wide state axolotl leaves behind is reset: its stdout tee into the run's debug.log and
-    the plugin registry. Monkeypatches axolotl applies to transformers stay for the session.
+    the config to the PluginManager; ``do_train`` loads data, trains and unloads. Differences
+    from the CLI, each to keep runs in one process independent and repeatable:
+    - torch is seeded with ``cfg.seed`` before the model is built. torch seeds its generator
+      randomly at start-up and axolotl seeds only when the Trainer is made, after LoRA's A
+      matrices are drawn, so two CLI runs of one config start from different adapters.
+    - axolotl's stdout tee is off: ``close_debug_log`` deadlocks on a second run (the replaced
+      tee is flushed on garbage collection while its non-reentrant lock is held).
+    - afterwards the debug.log is closed and the plugin registry emptied.
+    Monkeypatches axolotl applies to transformers stay for the session.
     """
     from axolotl.cli.args import TrainerCliArgs
     from axolotl.cli.config import load_cfg
     from axolotl.cli.train import do_train
     from axolotl.integrations.base import PluginManager
     from axolotl.utils.tee import close_debug_log
+    from transformers import set_seed
 
     try:
-        do_train(load_cfg(str(config_path)), TrainerCliArgs())
+        with mock.patch.dict(os.environ, {"AXOLOTL_TEE_STDOUT": "0"}):
+            cfg = load_cfg(str(config_path))
+            set_seed(42 if cfg.seed is None else cfg.seed)  # 42: the Trainer's default
+            do_train(cfg, TrainerCliArgs())
     finally:
         close_debug_log()
         manager = PluginManager.get_instance()

@@ -23,7 +23,7 @@ os.environ.update(OFFLINE_ENV)
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (~480 tokens) with <s>, </s>, <pad>, <unk>; trained in milliseconds."""
+    """Byte-level BPE (~460 tokens) with <s>, </s>, <pad>, <unk>; trained in milliseconds."""
     return build_tokenizer()
 
 

@@ -139,3 +139,20 @@ def test_qwen2_random_strategy(tmp_path, tiny_qwen2_dir, alpaca_jsonl):
     assert_frozen_outside_mask(
         mask, load_adapter_tensors(tmp_path / "out" / "checkpoint-2"), [tmp_path / "out"]
     )
+
+
+def test_same_config_gives_the_same_mask_and_adapter(
+    fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl
+):
+    """The plugin seeds before the adapter is built: a rerun reproduces init, mask and training."""
+    out, _ = fish_run
+    fish_mask = {"keep_ratio": 0.5, "num_samples": 24, "strategy": "fisher", "seed": 42}
+    config = write_config(
+        tmp_path, tiny_llama_dir, alpaca_jsonl, **FISH, **HARSH, fish_mask=fish_mask
+    )
+    run_axolotl_train(config, cwd=tmp_path)
+    again, first = FishMask.load(tmp_path / "out"), FishMask.load(out)
+    assert all(torch.equal(again.masks[k], m) for k, m in first.masks.items())
+    rerun, original = load_adapter_tensors(tmp_path / "out"), load_adapter_tensors(out)
+    for key, value in original.items():
+        torch.testing.assert_close(rerun[key], value, rtol=1e-5, atol=1e-7)

@@ -16,6 +16,7 @@ from axolotl_run import (
     load_adapter_tensors,
     run_axolotl_train,
     save_tiny_model,
+    train_in_process,
     write_config,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -98,3 +99,20 @@ def test_plain_lora_axolotl_train(tmp_path: Path, tiny_llama_dir: Path, alpaca_j
     lora_b = {k: v for k, v in final.items() if "lora_B" in k}
     assert lora_b, sorted(final)
     assert any(v.abs().sum() > 0 for v in lora_b.values())  # LoRA B starts at zero
+
+
+@pytest.mark.e2e
+def test_train_in_process_is_repeatable(
+    tmp_path: Path, tiny_qwen2_dir: Path, alpaca_jsonl: Path
+) -> None:
+    """Two in-process runs of one config give identical adapters; two CLI runs do not (their
+    lora_A init is unseeded, see ``train_in_process``)."""
+    adapters = []
+    for name in ("first", "second"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        train_in_process(write_config(run_dir, tiny_qwen2_dir, alpaca_jsonl, max_steps=2))
+        adapters.append(load_adapter_tensors(run_dir / "out"))
+    first, second = adapters
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -7,7 +7,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
@@ -41,6 +41,17 @@ class FishMaskPlugin(BasePlugin):
                 f"fish_mask: turned off Axolotl's fused LoRA kernels ({', '.join(unset)}); they "
                 f"bypass the LoRA modules whose inputs the Fisher pass records."
             )
+
+    def pre_model_load(self, cfg: DictDefault) -> None:
+        if not cfg.fish_mask:
+            return
+        # Axolotl seeds only when the Trainer is built, after LoRA's A matrices were drawn, so
+        # two runs of one config would start from (and score) different adapters.
+        seed = 42 if cfg.seed is None else cfg.seed
+        set_seed(seed)
+        LOG.info(
+            f"fish_mask: seeded torch with {seed} before the adapter is built (reproducible init)"
+        )
 
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if not cfg.fish_mask:
