@@ -46,6 +46,7 @@ def test_defaults_filled_and_cpu_kernels_turned_off(make_cfg):
         "keep_ratio": 0.5,
         "num_samples": 1024,
         "strategy": "fisher",
+        "fisher": "empirical",
         "seed": 42,
     }
     assert cfg.lora_qkv_kernel is False and cfg.lora_mlp_kernel is False
