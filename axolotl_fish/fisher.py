@@ -5,11 +5,14 @@ next-token loss over its label tokens (what a batch-size-1 run minimises). Squar
 example, never of a batch gradient, and accumulated in fp32.
 
 Two paths compute the same numbers:
-- LoRA `nn.Linear` factors (lora_A / lora_B of plain LoRA layers) take the batched path: one
-  forward and one backward per micro-batch. A linear layer's per-example weight gradient is
-  sum_t g_t x_t^T, formed from the layer's recorded inputs x and output gradients g.
-- Every other trainable tensor (DoRA magnitudes and DoRA-coupled factors, embedding factors,
-  modules_to_save copies) takes the generic path: one forward and backward per example.
+- Batched path (one forward and one backward per micro-batch): LoRA `nn.Linear` factors
+  (lora_A / lora_B of plain LoRA layers, Conv1D-based models included: their factors are
+  `nn.Linear`) and lora_embedding_A / lora_embedding_B of plain LoRA embedding layers. A linear
+  factor's per-example weight gradient is sum_t g_t x_t^T, formed from its recorded inputs x and
+  output gradients g; embedding factors are formed from the token ids and the layer's output
+  gradient.
+- Generic path: every other trainable tensor (DoRA magnitudes and DoRA-coupled factors,
+  modules_to_save copies, biases outside LoRA factors): one forward and backward per example.
 
 `empirical` Fisher uses the data's labels (the paper); `sampled` Fisher replaces each label token
 by a draw from the model's own predictive distribution (the true Fisher). A draw depends only on
@@ -107,7 +110,7 @@ def fisher_scores(
     the scores are summed over ranks, so every rank ends with the same scores.
     """
     start = time.perf_counter()
-    taps = _LinearTaps(model, params if batched else {})
+    taps = _FactorTaps(model, params if batched else {})
     rowwise = {key: p for key, p in params.items() if key not in taps.covered}
     scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
     device = next(iter(params.values())).device
@@ -186,27 +189,74 @@ def _accumulate_rowwise(
                 scores[key].add_(grad.float().square())
 
 
-class _LinearTaps:
-    """Forward hooks on plain-LoRA `nn.Linear` factors that record each call's input and output.
+class _LinearFactor:
+    """A plain-LoRA `nn.Linear` factor: per-example weight gradient sum_t g_t x_t^T."""
 
-    A factor qualifies only when its weight is used solely through its own forward: LoRA layers
-    with a variant (DoRA reuses lora_B @ lora_A to normalise the weight) are left to the generic
-    path, as is anything that is not an `nn.Linear`.
+    def __init__(self, weight_key: str, bias_key: str | None) -> None:
+        self.keys = (weight_key,) if bias_key is None else (weight_key, bias_key)
+
+    def add(self, calls: list[tuple[torch.Tensor, torch.Tensor]], scores: dict) -> None:
+        rows = calls[0][0].shape[0]
+        x = torch.cat([x.reshape(rows, -1, x.shape[-1]) for x, _ in calls], dim=1).float()
+        g = torch.cat([g.reshape(rows, -1, g.shape[-1]) for _, g in calls], dim=1).float()
+        scores[self.keys[0]].add_(_sum_of_squared_outer(g, x))
+        if len(self.keys) == 2:
+            scores[self.keys[1]].add_(g.sum(dim=1).square().sum(dim=0))
+
+
+class _EmbeddingFactors:
+    """lora_embedding_A (r x V) and lora_embedding_B (out x r) of a plain-LoRA Embedding layer,
+    from the layer's token ids and output gradient g: with c = scaling * embed_scale,
+    dB = c * sum_t g_t a_t^T (a_t = A[:, id_t]) and dA[:, v] = c * sum_{t: id_t = v} B^T g_t."""
+
+    def __init__(self, layer: nn.Module, adapter: str, a_key: str, b_key: str) -> None:
+        self.layer, self.adapter = layer, adapter
+        self.keys = (a_key, b_key)
+
+    def add(self, calls: list[tuple[torch.Tensor, torch.Tensor]], scores: dict) -> None:
+        layer, adapter = self.layer, self.adapter
+        a = layer.lora_embedding_A[adapter].detach().float()
+        b = layer.lora_embedding_B[adapter].detach().float()
+        scale = layer.scaling[adapter]
+        embed_scale = layer._get_embed_scale()
+        if embed_scale is not None:
+            scale = scale * embed_scale.float()
+        rows = calls[0][0].shape[0]
+        ids = torch.cat([ids.reshape(rows, -1) for ids, _ in calls], dim=1)
+        g = torch.cat([g.reshape(rows, -1, g.shape[-1]) for _, g in calls], dim=1).float() * scale
+        scores[self.keys[1]].add_(_sum_of_squared_outer(g, F.embedding(ids, a.T)))
+        grad_after_a = g @ b  # (N, T, r)
+        padding_idx = layer.get_base_layer().padding_idx
+        if padding_idx is not None:  # F.embedding gives the padding row no gradient
+            grad_after_a = grad_after_a.masked_fill((ids == padding_idx).unsqueeze(-1), 0.0)
+        vocab, rank = a.shape[1], a.shape[0]
+        block = max(1, _BLOCK_ELEMENTS // (vocab * rank))
+        total = torch.zeros(vocab, rank, device=g.device)
+        for start in range(0, rows, block):
+            chunk = grad_after_a[start : start + block]
+            index = ids[start : start + block].unsqueeze(-1).expand_as(chunk)
+            per_example = torch.zeros(chunk.shape[0], vocab, rank, device=g.device)
+            total.add_(per_example.scatter_add_(1, index, chunk).square().sum(dim=0))
+        scores[self.keys[0]].add_(total.T)
+
+
+class _FactorTaps:
+    """Forward hooks that record each call's input and output for the batched path.
+
+    A tensor qualifies only when it is used solely through the recorded forward: LoRA layers
+    with a variant (DoRA reuses lora_B @ lora_A to normalise the weight) and embedding layers
+    with special lookups are left to the generic path, as is anything else.
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
         key_of = {id(p): key for key, p in params.items()}
-        self.modules: dict[nn.Linear, tuple[str, str | None]] = {}
-        for linear in _plain_lora_linears(model):
-            weight_key = key_of.get(id(linear.weight))
-            if weight_key is None:
-                continue
-            bias_key = key_of.get(id(linear.bias)) if linear.bias is not None else None
-            self.modules[linear] = (weight_key, bias_key)
-        self.covered = {key for keys in self.modules.values() for key in keys if key}
-        self._calls: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.rules: dict[nn.Module, _LinearFactor | _EmbeddingFactors] = {}
+        for module, rule in _batched_rules(model, key_of):
+            self.rules[module] = rule
+        self.covered = {key for rule in self.rules.values() for key in rule.keys}
+        self._calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._recording = False
-        self._handles = [m.register_forward_hook(self._record) for m in self.modules]
+        self._handles = [m.register_forward_hook(self._record) for m in self.rules]
 
     def _record(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -217,32 +267,24 @@ class _LinearTaps:
     def accumulate(
         self, forward: Callable[[], torch.Tensor], scores: dict[str, torch.Tensor]
     ) -> None:
-        """Run `forward` (returning per-row losses) recording the factors' calls, backpropagate
-        once, and add every row's squared gradients to `scores`."""
+        """Run `forward` (returning per-row losses) recording the calls, backpropagate once,
+        and add every row's squared gradients to `scores`."""
         self._recording = True
         try:
             loss = forward()
             calls = [(m, x, out) for m, pairs in self._calls.items() for x, out in pairs]
-            # Gradients w.r.t. the factors' outputs only: backward skips every weight gradient.
+            # Gradients w.r.t. the recorded outputs only: backward skips every weight gradient.
             grads = torch.autograd.grad(loss.sum(), [out for _, _, out in calls], allow_unused=True)
         finally:
             self._recording = False
             self._calls.clear()
-        per_module: dict[nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for (module, x, out), grad in zip(calls, grads, strict=True):
+        per_module: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for (module, x, _), grad in zip(calls, grads, strict=True):
             if grad is not None:
-                rows = x.shape[0]
-                per_module[module].append(
-                    (x.reshape(rows, -1, x.shape[-1]), grad.reshape(rows, -1, out.shape[-1]))
-                )
+                per_module[module].append((x, grad))
+        # A module called several times in one forward: its per-example gradient is the sum.
         for module, pairs in per_module.items():
-            weight_key, bias_key = self.modules[module]
-            # A factor called several times in one forward: its per-example gradient is the sum.
-            x = torch.cat([x for x, _ in pairs], dim=1).float()
-            g = torch.cat([g for _, g in pairs], dim=1).float()
-            scores[weight_key].add_(_sum_of_squared_outer(g, x))
-            if bias_key is not None:
-                scores[bias_key].add_(g.sum(dim=1).square().sum(dim=0))
+            self.rules[module].add(pairs, scores)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -260,15 +302,34 @@ def _sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _plain_lora_linears(model: nn.Module) -> Iterable[nn.Linear]:
-    from peft.tuners.lora import LoraLayer
+def _batched_rules(model: nn.Module, key_of: Mapping[int, str]):
+    """(module to hook, rule) for every adapter tensor the batched path computes exactly."""
+    from peft.tuners.lora import Embedding, LoraLayer
 
     for layer in model.modules():
         if not isinstance(layer, LoraLayer):
             continue
-        for adapter, lora_a in layer.lora_A.items():
-            if adapter in layer.lora_variant:
-                continue
-            for factor in (lora_a, layer.lora_B[adapter]):
-                if isinstance(factor, nn.Linear):
-                    yield factor
+        plain = [a for a in layer.lora_A if a not in layer.lora_variant]
+        for adapter in plain:
+            for factor in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                if isinstance(factor, nn.Linear) and id(factor.weight) in key_of:
+                    bias = factor.bias
+                    yield factor, _LinearFactor(key_of[id(factor.weight)], key_of.get(id(bias)))
+        if isinstance(layer, Embedding) and _plain_lookup(layer):
+            for adapter, a in layer.lora_embedding_A.items():
+                b = layer.lora_embedding_B[adapter]
+                if adapter not in layer.lora_variant and id(a) in key_of and id(b) in key_of:
+                    yield layer, _EmbeddingFactors(layer, adapter, key_of[id(a)], key_of[id(b)])
+
+
+def _plain_lookup(layer: nn.Module) -> bool:
+    """An embedding whose LoRA lookup is a plain F.embedding (no max_norm, no frequency scaling,
+    no tensor-parallel input/output functions) and that holds one embedding adapter."""
+    base = layer.get_base_layer()
+    return (
+        base.max_norm is None
+        and not base.scale_grad_by_freq
+        and not getattr(layer, "input_fns", {})
+        and not getattr(layer, "output_fns", {})
+        and len(layer.lora_embedding_A) == 1
+    )

@@ -50,16 +50,59 @@ def test_matches_batch_size_one_reference(arch, batched):
     assert all(float(s.min()) >= 0 for s in result.scores.values())
 
 
-def test_batched_covers_every_lora_factor_without_per_example_loop(monkeypatch):
+@pytest.mark.parametrize(("arch", "embedding"), [("llama", "embed_tokens"), ("gpt2", "wte")])
+def test_embedding_factors_match_reference(arch, embedding):
+    model = tiny_lora_model(arch, extra_targets=(embedding,))
+    params = adapter_parameters(model)
+    assert any("lora_embedding_A" in key for key in params)
+    batches = padded_batches(n_rows=9, batch_size=4)
+    for batch in batches:  # id 0 (the Llama's padding_idx) inside real text: its row gets no grad
+        batch["input_ids"][:, 2] = 0
+    result = fisher_scores(model, batches, params, num_samples=9, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=9)
+    assert max_relative_error(result.scores, reference) < 1e-4
+
+
+@pytest.mark.parametrize("extra", [(), ("embed_tokens",)])
+def test_batched_covers_lora_and_embedding_factors_without_per_example_loop(monkeypatch, extra):
     import axolotl_fish.fisher as fisher
 
     def forbidden(*args, **kwargs):
         raise AssertionError("plain LoRA factors must not take the per-example path")
 
     monkeypatch.setattr(fisher, "_accumulate_rowwise", forbidden)
-    model = tiny_lora_model("llama")
+    model = tiny_lora_model("llama", extra_targets=extra)
     params = adapter_parameters(model)
     fisher_scores(model, padded_batches(8, 4), params, num_samples=8, progress=False)
+
+
+def test_packed_rows_are_examples():
+    """With sample packing a row holds several sequences (position_ids restart); the batched
+    pass treats each packed row as one example, exactly as a batch-size-1 loop over rows does."""
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    batches = padded_batches(n_rows=8, batch_size=4)
+    for batch in batches:
+        width = batch["input_ids"].shape[1]
+        half = width // 2
+        batch["position_ids"] = torch.cat([torch.arange(half), torch.arange(width - half)]).repeat(
+            batch["input_ids"].shape[0], 1
+        )
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    result = fisher_scores(model, batches, params, num_samples=8, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=8)
+    assert max_relative_error(result.scores, reference) < 1e-4
+
+
+def test_generic_path_for_tensors_outside_lora_factors():
+    """DoRA magnitudes are not LoRA factors: they and the DoRA-coupled factors go per example."""
+    model = tiny_lora_model("llama", use_dora=True)
+    params = adapter_parameters(model)
+    assert any("lora_magnitude_vector" in key for key in params)
+    batches = padded_batches(n_rows=6, batch_size=3)
+    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=6)
+    assert max_relative_error(result.scores, reference) < 1e-4
 
 
 def test_per_example_loss_is_each_rows_own_mean():

@@ -11,10 +11,12 @@ VOCAB = 97
 
 
 def tiny_base_model(arch: str = "llama", seed: int = 0) -> nn.Module:
-    """A 2-layer random causal LM: Llama (nn.Linear projections) or GPT-2 (Conv1D)."""
+    """A 2-layer random causal LM: Llama (nn.Linear projections, pad id 0 so the embedding has a
+    padding_idx) or GPT-2 (Conv1D)."""
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
+            pad_token_id=0,
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=64,
@@ -34,13 +36,17 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_pro
 
 
 def tiny_lora_model(
-    arch: str = "llama", seed: int = 0, nonzero_b: bool = True, **lora_kwargs
+    arch: str = "llama",
+    seed: int = 0,
+    nonzero_b: bool = True,
+    extra_targets: tuple[str, ...] = (),
+    **lora_kwargs,
 ) -> nn.Module:
     """A tiny PEFT LoRA model; `nonzero_b` perturbs lora_B so every Fisher score is non-trivial."""
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=TARGETS[arch],
+        target_modules=[*TARGETS[arch], *extra_targets],
         lora_dropout=0.1,
         fan_in_fan_out=arch == "gpt2",
         **lora_kwargs,
@@ -49,7 +55,7 @@ def tiny_lora_model(
     if nonzero_b:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if "lora_B" in name:
+                if "lora_B" in name or "lora_embedding_B" in name:
                     param.normal_(std=0.1)
     return model
 
