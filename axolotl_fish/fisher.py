@@ -21,6 +21,7 @@ by a draw from the model's own predictive distribution (the true Fisher). A draw
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from axolotl_fish.distributed import share_of, sum_over_ranks
 from axolotl_fish.rng import preserved_rng_state
 
+LOG = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Largest per-example gradient block (elements) materialised at once on the batched path.
 _BLOCK_ELEMENTS = 1 << 25
@@ -140,6 +142,8 @@ def fisher_scores(
         bar.close()
         taps.remove()
         model.train(was_training)
+    if seen < wanted:
+        LOG.warning(f"Fisher pass: the data ran out after {seen} of {wanted} examples; used all.")
     seen = sum_over_ranks(scores, seen)
     if seen == 0:
         raise ValueError("The Fisher pass saw no example with label tokens.")

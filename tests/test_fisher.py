@@ -188,3 +188,12 @@ def test_sample_labels_draws_only_at_label_positions_from_the_model():
     uniform = sample_labels(torch.zeros(2, 5, 10), labels, first_index=0, seed=0)
     assert (uniform == -100).equal(labels == -100)
     assert len(set(uniform[1, 1:].tolist())) > 1
+
+
+def test_more_samples_than_data_uses_all_and_warns(caplog):
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    batches = padded_batches(6, 4)
+    result = fisher_scores(model, batches, params, num_samples=50, progress=False)
+    assert result.num_examples == 6
+    assert "ran out after 6 of 50 examples" in caplog.text
