@@ -6,6 +6,8 @@ mask file can be checked key by key against the adapter it belongs to.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -36,6 +38,26 @@ def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> dict[
     return params
 
 
-def count_entries(tensors: dict[str, torch.Tensor]) -> int:
+def count_entries(tensors: Mapping[str, torch.Tensor]) -> int:
     """Total number of entries over all tensors."""
     return sum(t.numel() for t in tensors.values())
+
+
+def tensor_role(key: str) -> tuple[str, str]:
+    """(module type, matrix) of a saved adapter key, e.g. ('q_proj', 'lora_A')."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("lora_") and i > 0:
+            return parts[i - 1], part
+    return (parts[-2] if len(parts) > 1 else parts[0]), parts[-1]
+
+
+def rank_axis(key: str) -> int | None:
+    """Which axis of a LoRA factor has the adapter's rank: 0 for A (r x in), 1 for B (out x r);
+    None for tensors whose size does not depend on the rank (DoRA magnitudes, full copies)."""
+    matrix = tensor_role(key)[1]
+    if matrix in ("lora_A", "lora_embedding_A"):
+        return 0
+    if matrix in ("lora_B", "lora_embedding_B"):
+        return 1
+    return None

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from axolotl_fish.adapter_tensors import adapter_parameters, count_entries
-from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.budget import budget, budget_groups
+from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.mask_file import FishMask
-from axolotl_fish.selection import budget, select_top_k
+from axolotl_fish.selection import select_in_groups
 
 LOG = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ def compute_fish_mask(
     """
     params = adapter_parameters(model)
     total = count_entries(params)
-    k = budget(config.keep_ratio, total)
+    k = budget(config, params)
     metadata: dict[str, Any] = {
         "strategy": config.strategy,
         "fisher": config.fisher,
-        "keep_ratio": config.keep_ratio,
+        **{key: getattr(config, key) for key in BUDGET_KEYS},
+        "scope": config.scope,
         "k": k,
         "total": total,
         "num_samples": config.num_samples,
@@ -71,10 +73,16 @@ def compute_fish_mask(
         metadata |= {"num_examples": fisher.num_examples, "fisher_seconds": fisher.seconds}
         sign = -1.0 if config.strategy == "reverse" else 1.0
         scores = {key: sign * score for key, score in fisher.scores.items()}
-    selection = select_top_k(scores, k, config.seed)
-    if selection.tie_break is not None:
-        metadata["tie_break"] = vars(selection.tie_break)
-    return FishMask(masks=selection.masks, metadata=metadata)
+    groups = budget_groups(list(scores), config.scope)
+    masks, ties = select_in_groups(scores, k, config.seed, groups)
+    if ties:
+        metadata["tie_breaks"] = [vars(tie) for tie in ties]
+        drawn = sum(tie.chosen for tie in ties)
+        LOG.warning(
+            f"fish_mask: {drawn:,} of {k:,} entries were drawn at random among entries with "
+            f"equal scores (at LoRA's initialisation every lora_A score is exactly 0)."
+        )
+    return FishMask(masks=masks, metadata=metadata)
 
 
 def random_scores(params: Mapping[str, nn.Parameter], seed: int) -> dict[str, torch.Tensor]:

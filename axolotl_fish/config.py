@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Strategy = Literal["fisher", "random", "reverse"]
 FisherKind = Literal["empirical", "sampled"]
+Scope = Literal["global", "per_tensor", "per_matrix"]
+BUDGET_KEYS = ("keep_ratio", "keep_params", "match_rank")
 
 
 class FishMaskConfig(BaseModel):
@@ -19,8 +21,22 @@ class FishMaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keep_ratio: float = Field(
-        gt=0.0, le=1.0, description="Fraction of the adapter's entries that stay trainable."
+    keep_ratio: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Fraction of the adapter's entries that train."
+    )
+    keep_params: int | None = Field(
+        default=None, ge=1, description="Absolute number of adapter entries that train."
+    )
+    match_rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="Train as many entries as the same adapter has at this rank (equal budget).",
+    )
+    scope: Scope = Field(
+        default="global",
+        description="`global`: one ranking over all entries (the paper); `per_tensor`: every "
+        "tensor keeps the same fraction; `per_matrix`: A-like and B-like factors get budgets "
+        "proportional to their sizes.",
     )
     num_samples: int = Field(
         default=1024, ge=1, description="Training examples used to estimate the Fisher information."
@@ -37,3 +53,13 @@ class FishMaskConfig(BaseModel):
     mask_path: str | None = Field(
         default=None, description="Reuse a saved fish_mask.safetensors instead of computing one."
     )
+
+    @model_validator(mode="after")
+    def one_budget(self) -> FishMaskConfig:
+        given = [key for key in BUDGET_KEYS if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"set exactly one of fish_mask.keep_ratio, fish_mask.keep_params, "
+                f"fish_mask.match_rank (got {', '.join(given) or 'none'})"
+            )
+        return self

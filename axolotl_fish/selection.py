@@ -1,4 +1,4 @@
-"""Exactly k entries, chosen by one global ranking over all adapter tensors.
+"""Exactly k entries, chosen by one ranking over all adapter tensors or within budget groups.
 
 Ties are common (every lora_A score is exactly 0 while lora_B is 0 at initialisation), so they
 are broken by a seeded random draw: never by position (a bias toward the first layers) and never
@@ -29,14 +29,35 @@ class Selection:
     tie_break: TieBreak | None
 
 
-def budget(keep_ratio: float, total: int) -> int:
-    """k = round(keep_ratio * total), refusing budgets that select nothing."""
-    k = round(keep_ratio * total)
-    if k < 1:
-        raise ValueError(
-            f"keep_ratio={keep_ratio} of {total} entries selects no entry; raise keep_ratio."
-        )
-    return k
+def select_in_groups(
+    scores: dict[str, torch.Tensor], k: int, seed: int, groups: list[list[str]]
+) -> tuple[dict[str, torch.Tensor], list[TieBreak]]:
+    """Split k over groups of tensors in proportion to their sizes (largest remainder, so the
+    parts add up to exactly k), then keep the top entries within each group."""
+    sizes = [sum(scores[key].numel() for key in group) for group in groups]
+    shares = apportion(k, sizes)
+    masks: dict[str, torch.Tensor] = {}
+    ties = []
+    for index, (group, share) in enumerate(zip(groups, shares, strict=True)):
+        if share == 0:
+            masks |= {key: torch.zeros_like(scores[key], dtype=torch.bool) for key in group}
+            continue
+        selection = select_top_k({key: scores[key] for key in group}, share, seed + index)
+        masks |= selection.masks
+        if selection.tie_break is not None:
+            ties.append(selection.tie_break)
+    return {key: masks[key] for key in scores}, ties
+
+
+def apportion(k: int, sizes: list[int]) -> list[int]:
+    """Integer shares of k proportional to sizes, summing to exactly k (largest remainder)."""
+    total = sum(sizes)
+    exact = [k * size / total for size in sizes]
+    shares = [int(value) for value in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in by_remainder[: k - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def select_top_k(scores: dict[str, torch.Tensor], k: int, seed: int) -> Selection:

@@ -6,16 +6,8 @@ from collections import defaultdict
 
 import torch
 
+from axolotl_fish.adapter_tensors import tensor_role
 from axolotl_fish.mask_file import FishMask
-
-
-def tensor_role(key: str) -> tuple[str, str]:
-    """(module type, matrix) of a saved adapter key, e.g. ('q_proj', 'lora_A')."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part.startswith("lora_") and i > 0:
-            return parts[i - 1], part
-    return (parts[-2] if len(parts) > 1 else parts[0]), parts[-1]
 
 
 def selected_fractions(masks: dict[str, torch.Tensor], by: int) -> dict[str, tuple[int, int]]:
@@ -33,7 +25,8 @@ def summarize(mask: FishMask) -> str:
     meta = mask.metadata
     lines = [
         f"FISH mask: {mask.k:,} of {mask.total:,} adapter entries trainable "
-        f"({mask.k / mask.total:.2%}), strategy={meta.get('strategy')}, seed={meta.get('seed')}",
+        f"({mask.k / mask.total:.2%}), strategy={meta.get('strategy')}, "
+        f"scope={meta.get('scope', 'global')}, seed={meta.get('seed')}",
     ]
     if meta.get("num_examples") is not None:
         lines.append(
@@ -46,8 +39,7 @@ def summarize(mask: FishMask) -> str:
             for name, (kept, total) in selected_fractions(mask.masks, by).items()
         ]
         lines.append(f"  selected per {title}: " + ", ".join(parts))
-    tie = meta.get("tie_break")
-    if tie:
+    for tie in meta.get("tie_breaks", []):
         lines.append(
             f"  ties: {tie['chosen']:,} entries drawn at random (seed {meta.get('seed')}) among "
             f"{tie['tied']:,} with equal score {tie['score']:.3g}"

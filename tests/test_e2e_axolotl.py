@@ -129,12 +129,16 @@ def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
         run_axolotl_train(foreign, cwd=tmp_path)
 
 
-def test_qwen2_random_strategy(tmp_path, tiny_qwen2_dir, alpaca_jsonl):
-    fish_mask = {"keep_ratio": 0.25, "strategy": "random", "seed": 3}
+def test_qwen2_random_match_rank_per_matrix(tmp_path, tiny_qwen2_dir, alpaca_jsonl):
+    """Rank 8 masked to the entry count of rank 2, A and B budgets kept apart."""
+    fish_mask = {"match_rank": 2, "scope": "per_matrix", "strategy": "random", "seed": 3}
     config = write_config(tmp_path, tiny_qwen2_dir, alpaca_jsonl, **FISH, fish_mask=fish_mask)
     run_axolotl_train(config, cwd=tmp_path)
     mask = FishMask.load(tmp_path / "out")
-    assert mask.k == round(0.25 * mask.total)
+    assert mask.k == mask.total // 4  # every tensor is a LoRA factor: rank 2 of 8
+    for matrix in ("lora_A", "lora_B"):
+        part = [m for key, m in mask.masks.items() if matrix in key]
+        assert sum(int(m.sum()) for m in part) == sum(m.numel() for m in part) // 4
     assert "num_examples" not in mask.metadata  # no Fisher pass for random
     assert_frozen_outside_mask(
         mask, load_adapter_tensors(tmp_path / "out" / "checkpoint-2"), [tmp_path / "out"]

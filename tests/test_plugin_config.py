@@ -47,6 +47,7 @@ def test_defaults_filled_and_cpu_kernels_turned_off(make_cfg):
         "num_samples": 1024,
         "strategy": "fisher",
         "fisher": "empirical",
+        "scope": "global",
         "seed": 42,
     }
     assert cfg.lora_qkv_kernel is False and cfg.lora_mlp_kernel is False
@@ -68,7 +69,9 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
     [
         ({"fish_mask": {"keep_ratio": 1.5}}, "fish_mask.keep_ratio"),
         ({"fish_mask": {"keep_ratio": 0.0}}, "fish_mask.keep_ratio"),
-        ({"fish_mask": {}}, "fish_mask.keep_ratio"),
+        ({"fish_mask": {}}, "set exactly one of fish_mask.keep_ratio"),
+        ({"fish_mask": {"keep_ratio": 0.5, "match_rank": 4}}, "got keep_ratio, match_rank"),
+        ({"fish_mask": {"keep_ratio": 0.5, "scope": "per_layer"}}, "fish_mask.scope"),
         ({"fish_mask": {"keep_ratio": 0.5, "num_samples": 0}}, "fish_mask.num_samples"),
         (
             {"fish_mask": {"keep_ratio": 0.5, "strategy": "magic"}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_fish.selection import budget, select_top_k
+from axolotl_fish.selection import select_top_k
 
 
 def count(masks):
@@ -56,10 +56,6 @@ def test_non_finite_scores_name_the_tensor():
         select_top_k({"ok": torch.ones(3), "layer.lora_B": torch.tensor([1.0, float("nan")])}, 1, 0)
 
 
-def test_budget_rounds_and_refuses_empty():
-    assert budget(0.5, 11) == round(5.5)
-    assert budget(1.0, 7) == 7
-    with pytest.raises(ValueError, match="selects no entry"):
-        budget(0.01, 10)
+def test_k_outside_range_is_refused():
     with pytest.raises(ValueError, match="between 1 and"):
         select_top_k({"x": torch.ones(3)}, 4, seed=0)
