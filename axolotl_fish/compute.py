@@ -16,6 +16,7 @@ from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.selection import select_in_groups
+from axolotl_fish.warmup import dense_warmup, restore
 
 LOG = logging.getLogger(__name__)
 
@@ -37,12 +38,13 @@ def compute_fish_mask(
     batches: Iterable[Mapping[str, torch.Tensor]],
     config: FishMaskConfig,
     *,
+    learning_rate: float = 1e-4,
     progress: bool = True,
 ) -> FishMask:
     """Rank every trainable adapter entry by `config.strategy` and keep exactly k of them.
 
-    `batches` are training micro-batches (only read for `fisher` and `reverse`); the model must
-    be the PEFT model as it will start training.
+    `batches` are training micro-batches (read for `fisher` and `reverse`, and for the dense
+    warm-up at `learning_rate`); the model must be the PEFT model as it will start training.
     """
     params = adapter_parameters(model)
     total = count_entries(params)
@@ -59,6 +61,14 @@ def compute_fish_mask(
         "axolotl_fish_version": version("axolotl-fish"),
         **peft_settings(model),
     }
+    if config.warmup_steps:  # for every strategy, so they differ only in the mask
+        initial = dense_warmup(
+            model, batches, params, config.warmup_steps, learning_rate, progress=progress
+        )
+        metadata |= {
+            "warmup_steps": config.warmup_steps,
+            "restore_after_warmup": config.restore_after_warmup,
+        }
     if config.strategy == "random":
         scores = random_scores(params, config.seed)
     else:
@@ -73,6 +83,8 @@ def compute_fish_mask(
         metadata |= {"num_examples": fisher.num_examples, "fisher_seconds": fisher.seconds}
         sign = -1.0 if config.strategy == "reverse" else 1.0
         scores = {key: sign * score for key, score in fisher.scores.items()}
+    if config.warmup_steps and config.restore_after_warmup:
+        restore(params, initial)
     groups = budget_groups(list(scores), config.scope)
     masks, ties = select_in_groups(scores, k, config.seed, groups)
     if ties:

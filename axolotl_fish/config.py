@@ -47,6 +47,17 @@ class FishMaskConfig(BaseModel):
         description="`empirical`: gradients at the data's labels (the paper); `sampled`: at labels "
         "drawn from the model's own predictive distribution (the true Fisher).",
     )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Dense training steps before the Fisher pass (not part of the run's schedule), "
+        "so lora_A gets real scores although lora_B starts at 0.",
+    )
+    restore_after_warmup: bool = Field(
+        default=True,
+        description="After the pass, put the adapter back to its initial values, so only the k "
+        "selected entries ever differ from initialisation.",
+    )
     seed: int = Field(
         default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."
     )

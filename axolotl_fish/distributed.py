@@ -6,7 +6,7 @@ Every function is a no-op outside torch.distributed, so single-process code call
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -41,6 +41,17 @@ def sum_over_ranks(scores: Mapping[str, torch.Tensor], count: int) -> int:
     for score in scores.values():
         torch.distributed.all_reduce(score)
     return int(total.item())
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average .grad over ranks in place, as DDP would (for loops that run outside DDP)."""
+    if not is_distributed():
+        return
+    world = torch.distributed.get_world_size()
+    for param in params:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world)
 
 
 def mask_digest(masks: Mapping[str, torch.Tensor]) -> str:

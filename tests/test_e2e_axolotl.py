@@ -160,3 +160,17 @@ def test_same_config_gives_the_same_mask_and_adapter(
     rerun, original = load_adapter_tensors(tmp_path / "out"), load_adapter_tensors(out)
     for key, value in original.items():
         torch.testing.assert_close(rerun[key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_warmup_then_restore(tmp_path, tiny_llama_dir, alpaca_jsonl):
+    """Warm-up gives lora_A real scores; after restore masked B entries are still exactly 0."""
+    fish_mask = {"keep_ratio": 0.5, "num_samples": 16, "warmup_steps": 2}
+    config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **FISH, fish_mask=fish_mask)
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    mask = FishMask.load(tmp_path / "out")
+    assert mask.metadata["warmup_steps"] == 2 and "tie_breaks" not in mask.metadata
+    assert "ties:" not in log
+    adapter = load_adapter_tensors(tmp_path / "out")
+    for key, keep in mask.masks.items():
+        if "lora_B" in key:
+            assert not adapter[key][~keep].any(), key

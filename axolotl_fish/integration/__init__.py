@@ -125,5 +125,6 @@ def _computed_mask(trainer: Trainer, config: FishMaskConfig) -> FishMask:
         trainer.model,
         trainer.get_train_dataloader(),
         config,
+        learning_rate=trainer.args.learning_rate,
         progress=trainer.is_world_process_zero(),
     )
