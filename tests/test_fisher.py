@@ -197,3 +197,13 @@ def test_more_samples_than_data_uses_all_and_warns(caplog):
     result = fisher_scores(model, batches, params, num_samples=50, progress=False)
     assert result.num_examples == 6
     assert "ran out after 6 of 50 examples" in caplog.text
+
+
+def test_modules_to_save_copies_match_reference():
+    model = tiny_lora_model("llama", modules_to_save=["lm_head"])
+    params = adapter_parameters(model)
+    assert any("lm_head" in key for key in params)
+    batches = padded_batches(n_rows=6, batch_size=3)
+    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=6)
+    assert max_relative_error(result.scores, reference) < 1e-4

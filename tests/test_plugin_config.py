@@ -6,6 +6,8 @@ import pytest
 from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
 
+from axolotl_fish.config import FishMaskConfig
+
 PLUGIN = "axolotl_fish.FishMaskPlugin"
 
 
@@ -42,14 +44,8 @@ def validated(cfg: DictDefault) -> DictDefault:
 
 def test_defaults_filled_and_cpu_kernels_turned_off(make_cfg):
     cfg = validated(make_cfg())
-    assert cfg.fish_mask == {
-        "keep_ratio": 0.5,
-        "num_samples": 1024,
-        "strategy": "fisher",
-        "fisher": "empirical",
-        "scope": "global",
-        "seed": 42,
-    }
+    assert cfg.fish_mask == FishMaskConfig(keep_ratio=0.5).model_dump(exclude_none=True)
+    assert cfg.fish_mask["num_samples"] == 1024 and cfg.fish_mask["strategy"] == "fisher"
     assert cfg.lora_qkv_kernel is False and cfg.lora_mlp_kernel is False
     assert cfg.lora_o_kernel is False and cfg.lora_embedding_kernel is False
 
@@ -78,7 +74,8 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
             "'fisher', 'random' or 'reverse'",
         ),
         ({"fish_mask": {"keep_ratio": 0.5, "kep_ratio": 1}}, "fish_mask.kep_ratio"),
-        ({"adapter": None}, "set `adapter: lora`"),
+        ({"adapter": None}, "set `adapter: lora` or `qlora`"),
+        ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
         ({"deepspeed": "zero2.json"}, "does not support deepspeed yet"),
         ({"fsdp_config": {"fsdp_version": 2}}, "does not support fsdp_config yet"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import BaseModel, model_validator
 
 from axolotl_fish.config import FishMaskConfig
@@ -11,7 +12,7 @@ from axolotl_fish.config import FishMaskConfig
 # Axolotl's fused LoRA kernels call the LoRA weights directly, bypassing the PEFT module
 # forward that the Fisher pass records.
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-SUPPORTED_ADAPTERS = ("lora",)
+SUPPORTED_ADAPTERS = ("lora", "qlora")
 
 
 class FishMaskPluginArgs(BaseModel):
@@ -27,8 +28,13 @@ class FishMaskPluginArgs(BaseModel):
         adapter = data.get("adapter")
         if adapter not in SUPPORTED_ADAPTERS:
             raise ValueError(
-                f"fish_mask masks the entries of a LoRA adapter: set `adapter: lora` "
+                f"fish_mask masks the entries of a LoRA adapter: set `adapter: lora` or `qlora` "
                 f"(got adapter={adapter!r})."
+            )
+        if adapter == "qlora" and not torch.cuda.is_available():
+            raise ValueError(
+                "fish_mask with `adapter: qlora` needs bitsandbytes' 4-bit kernels on a CUDA "
+                "device, and this machine has none: use `adapter: lora` here."
             )
         sharded = [key for key in ("deepspeed", "fsdp", "fsdp_config") if data.get(key)]
         if sharded:
