@@ -174,3 +174,29 @@ def test_warmup_then_restore(tmp_path, tiny_llama_dir, alpaca_jsonl):
     for key, keep in mask.masks.items():
         if "lora_B" in key:
             assert not adapter[key][~keep].any(), key
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"peft_use_dora": True, "lora_modules_to_save": ["lm_head"]},
+        {"peft_use_rslora": True, "peft_init_lora_weights": "pissa"},
+        {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+    ],
+    ids=["dora+modules_to_save", "rslora+pissa", "embedding"],
+)
+def test_adapter_variants_keep_exact_k_and_frozen_entries(
+    tmp_path, tiny_llama_dir, alpaca_jsonl, variant
+):
+    fish_mask = {"keep_ratio": 0.3, "num_samples": 8}
+    config = write_config(
+        tmp_path, tiny_llama_dir, alpaca_jsonl, **FISH, **HARSH, **variant, fish_mask=fish_mask
+    )
+    run_axolotl_train(config, cwd=tmp_path)
+    out = tmp_path / "out"
+    mask = FishMask.load(out)
+    adapter = load_adapter_tensors(out)
+    # PEFT also saves the frozen base embedding when embeddings are targeted; it is not masked.
+    assert set(mask.masks) == {key for key in adapter if ".base_layer." not in key}
+    assert mask.k == round(0.3 * mask.total)
+    assert_frozen_outside_mask(mask, load_adapter_tensors(out / "checkpoint-2"), [out])
