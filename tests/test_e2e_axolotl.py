@@ -177,20 +177,27 @@ def test_warmup_then_restore(tmp_path, tiny_llama_dir, alpaca_jsonl):
 
 
 @pytest.mark.parametrize(
-    "variant",
+    ("arch", "variant"),
     [
-        {"peft_use_dora": True, "lora_modules_to_save": ["lm_head"]},
-        {"peft_use_rslora": True, "peft_init_lora_weights": "pissa"},
-        {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        ("llama", {"peft_use_dora": True, "lora_modules_to_save": ["lm_head"]}),
+        ("llama", {"peft_use_rslora": True, "peft_init_lora_weights": "pissa"}),
+        ("llama", {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
+        ("gpt2", {}),
     ],
-    ids=["dora+modules_to_save", "rslora+pissa", "embedding"],
+    ids=["dora+modules_to_save", "rslora+pissa", "embedding", "gpt2-conv1d"],
 )
 def test_adapter_variants_keep_exact_k_and_frozen_entries(
-    tmp_path, tiny_llama_dir, alpaca_jsonl, variant
+    tmp_path, tiny_model_dir, alpaca_jsonl, arch, variant
 ):
     fish_mask = {"keep_ratio": 0.3, "num_samples": 8}
     config = write_config(
-        tmp_path, tiny_llama_dir, alpaca_jsonl, **FISH, **HARSH, **variant, fish_mask=fish_mask
+        tmp_path,
+        tiny_model_dir(arch),
+        alpaca_jsonl,
+        **FISH,
+        **HARSH,
+        **variant,
+        fish_mask=fish_mask,
     )
     run_axolotl_train(config, cwd=tmp_path)
     out = tmp_path / "out"
