@@ -207,3 +207,25 @@ def test_adapter_variants_keep_exact_k_and_frozen_entries(
     assert set(mask.masks) == {key for key in adapter if ".base_layer." not in key}
     assert mask.k == round(0.3 * mask.total)
     assert_frozen_outside_mask(mask, load_adapter_tensors(out / "checkpoint-2"), [out])
+
+
+def test_sample_packing_with_gradient_checkpointing_and_accumulation(
+    tmp_path, tiny_llama_dir, alpaca_jsonl
+):
+    fish_mask = {"keep_ratio": 0.5, "num_samples": 8}
+    config = write_config(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **FISH,
+        **HARSH,
+        sample_packing=True,
+        pad_to_sequence_len=True,
+        gradient_checkpointing=True,
+        fish_mask=fish_mask,
+    )
+    run_axolotl_train(config, cwd=tmp_path)
+    out = tmp_path / "out"
+    mask = FishMask.load(out)
+    assert mask.k == round(0.5 * mask.total) and mask.metadata["num_examples"] == 8
+    assert_frozen_outside_mask(mask, load_adapter_tensors(out / "checkpoint-2"), [out])
