@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -306,7 +306,9 @@ def _sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _batched_rules(model: nn.Module, key_of: Mapping[int, str]):
+def _batched_rules(
+    model: nn.Module, key_of: Mapping[int, str]
+) -> Iterator[tuple[nn.Module, _LinearFactor | _EmbeddingFactors]]:
     """(module to hook, rule) for every adapter tensor the batched path computes exactly."""
     from peft.tuners.lora import Embedding, LoraLayer
 

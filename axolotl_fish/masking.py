@@ -9,10 +9,11 @@ requiring gradients before the optimizer is built, so they cost no optimizer sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 class GradientMask:
@@ -21,7 +22,7 @@ class GradientMask:
     def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]):
         self._partial: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
         self._initial: dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
         for key, param in params.items():
             mask = masks[key]
             if not mask.any():
@@ -51,7 +52,7 @@ class GradientMask:
         self._handles.clear()
 
 
-def _zero_grad_at(frozen: torch.Tensor):
+def _zero_grad_at(frozen: torch.Tensor) -> Callable[[nn.Parameter], None]:
     def hook(param: nn.Parameter) -> None:
         # masked_fill, not multiplication: inf * 0 would be NaN.
         param.grad.masked_fill_(frozen, 0.0)
