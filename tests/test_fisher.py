@@ -36,6 +36,14 @@ def max_relative_error(scores, reference):
     )
 
 
+def assert_matches_reference(model, batches, num_samples):
+    """The batched pass over all adapter tensors equals the batch-size-1 reference loop."""
+    params = adapter_parameters(model)
+    result = fisher_scores(model, batches, params, num_samples=num_samples, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=num_samples)
+    assert max_relative_error(result.scores, reference) < 1e-4
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_matches_batch_size_one_reference(arch, batched):
@@ -53,14 +61,11 @@ def test_matches_batch_size_one_reference(arch, batched):
 @pytest.mark.parametrize(("arch", "embedding"), [("llama", "embed_tokens"), ("gpt2", "wte")])
 def test_embedding_factors_match_reference(arch, embedding):
     model = tiny_lora_model(arch, extra_targets=(embedding,))
-    params = adapter_parameters(model)
-    assert any("lora_embedding_A" in key for key in params)
+    assert any("lora_embedding_A" in key for key in adapter_parameters(model))
     batches = padded_batches(n_rows=9, batch_size=4)
     for batch in batches:  # id 0 (the Llama's padding_idx) inside real text: its row gets no grad
         batch["input_ids"][:, 2] = 0
-    result = fisher_scores(model, batches, params, num_samples=9, progress=False)
-    reference = reference_fisher(model, batches, params, num_samples=9)
-    assert max_relative_error(result.scores, reference) < 1e-4
+    assert_matches_reference(model, batches, 9)
 
 
 @pytest.mark.parametrize("extra", [(), ("embed_tokens",)])
@@ -80,7 +85,6 @@ def test_packed_rows_are_examples():
     """With sample packing a row holds several sequences (position_ids restart); the batched
     pass treats each packed row as one example, exactly as a batch-size-1 loop over rows does."""
     model = tiny_lora_model("llama")
-    params = adapter_parameters(model)
     batches = padded_batches(n_rows=8, batch_size=4)
     for batch in batches:
         width = batch["input_ids"].shape[1]
@@ -89,20 +93,19 @@ def test_packed_rows_are_examples():
             batch["input_ids"].shape[0], 1
         )
         batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
-    result = fisher_scores(model, batches, params, num_samples=8, progress=False)
-    reference = reference_fisher(model, batches, params, num_samples=8)
-    assert max_relative_error(result.scores, reference) < 1e-4
+    assert_matches_reference(model, batches, 8)
 
 
-def test_generic_path_for_tensors_outside_lora_factors():
-    """DoRA magnitudes are not LoRA factors: they and the DoRA-coupled factors go per example."""
-    model = tiny_lora_model("llama", use_dora=True)
-    params = adapter_parameters(model)
-    assert any("lora_magnitude_vector" in key for key in params)
-    batches = padded_batches(n_rows=6, batch_size=3)
-    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
-    reference = reference_fisher(model, batches, params, num_samples=6)
-    assert max_relative_error(result.scores, reference) < 1e-4
+@pytest.mark.parametrize(
+    ("settings", "key_part"),
+    [({"use_dora": True}, "lora_magnitude_vector"), ({"modules_to_save": ["lm_head"]}, "lm_head")],
+    ids=["dora", "modules_to_save"],
+)
+def test_generic_path_for_tensors_outside_lora_factors(settings, key_part):
+    """DoRA magnitudes (and DoRA-coupled factors) and modules_to_save copies go per example."""
+    model = tiny_lora_model("llama", **settings)
+    assert any(key_part in key for key in adapter_parameters(model))
+    assert_matches_reference(model, padded_batches(n_rows=6, batch_size=3), 6)
 
 
 def test_per_example_loss_is_each_rows_own_mean():
@@ -197,13 +200,3 @@ def test_more_samples_than_data_uses_all_and_warns(caplog):
     result = fisher_scores(model, batches, params, num_samples=50, progress=False)
     assert result.num_examples == 6
     assert "ran out after 6 of 50 examples" in caplog.text
-
-
-def test_modules_to_save_copies_match_reference():
-    model = tiny_lora_model("llama", modules_to_save=["lm_head"])
-    params = adapter_parameters(model)
-    assert any("lm_head" in key for key in params)
-    batches = padded_batches(n_rows=6, batch_size=3)
-    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
-    reference = reference_fisher(model, batches, params, num_samples=6)
-    assert max_relative_error(result.scores, reference) < 1e-4
