@@ -33,7 +33,6 @@ def compute(config: Path, output: Path | None) -> None:
     """Load model and data exactly as `axolotl train CONFIG` would, run the scoring pass and
     write the mask (usable as fish_mask.mask_path); no training."""
     from axolotl_fish.integration.standalone import compute_mask_for_config
-    from axolotl_fish.summary import summarize
 
     try:
         mask, default = compute_mask_for_config(config)
@@ -42,7 +41,7 @@ def compute(config: Path, output: Path | None) -> None:
     target = output or default
     target.parent.mkdir(parents=True, exist_ok=True)
     path = mask.save(target)
-    click.echo(f"{summarize(mask)}\nmask written to {path}")
+    click.echo(f"{mask.k:,} of {mask.total:,} entries selected; mask written to {path}")
 
 
 @fish_mask.command()

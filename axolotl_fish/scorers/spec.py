@@ -56,4 +56,3 @@ class ScorerSpec:
         Scores must be the same on every rank under torch.distributed (seed any randomness from
         `config.seed`); the run checks that every rank ends with the same mask.
         """
-        raise NotImplementedError
