@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from axolotl_run import OFFLINE_ENV, load_adapter_tensors, run_axolotl, run_axolotl_train
+from axolotl_run import (
+    OFFLINE_ENV,
+    load_adapter_tensors,
+    run_axolotl,
+    run_axolotl_train,
+    write_config,
+)
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
@@ -152,3 +158,13 @@ def test_compute_writes_the_mask_train_computes_and_train_uses_it(
         if "lora_B" in key:  # starts at exactly 0: only selected entries may have moved
             assert not adapter[key][~keep].any(), key
             assert adapter[key][keep].any(), key
+
+
+def test_compute_without_the_plugin_says_what_is_missing(tmp_path, tiny_llama_dir, alpaca_jsonl):
+    config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, fish_mask={"keep_ratio": 0.5})
+    with pytest.raises(AssertionError, match="exited with 1") as err:
+        run_axolotl(["fish-mask", "compute", str(config)], cwd=tmp_path, timeout=180)
+    assert "needs `plugins: [axolotl_fish.FishMaskPlugin]` and a `fish_mask:` block" in str(
+        err.value
+    )
+    assert not (tmp_path / "out" / MASK_FILENAME).exists()
