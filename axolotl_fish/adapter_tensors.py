@@ -52,6 +52,12 @@ def tensor_role(key: str) -> tuple[str, str]:
     return (parts[-2] if len(parts) > 1 else parts[0]), parts[-1]
 
 
+def layer_index(key: str) -> int | None:
+    """The block a saved adapter key belongs to (the first all-digit name part:
+    `...layers.3.self_attn...`, GPT-2's `...h.3.attn...`); None outside numbered blocks."""
+    return next((int(part) for part in key.split(".") if part.isdigit()), None)
+
+
 def rank_axis(key: str) -> int | None:
     """Which axis of a LoRA factor has the adapter's rank: 0 for A (r x in), 1 for B (out x r);
     None for tensors whose size does not depend on the rank (DoRA magnitudes, full copies)."""

@@ -13,8 +13,8 @@ from torch import nn
 from axolotl_fish.adapter_tensors import adapter_parameters, count_entries
 from axolotl_fish.budget import budget, budget_groups
 from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
-from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.mask_file import FishMask
+from axolotl_fish.scorers import ScoringContext, score
 from axolotl_fish.selection import select_in_groups
 from axolotl_fish.warmup import dense_warmup, restore
 
@@ -41,10 +41,11 @@ def compute_fish_mask(
     learning_rate: float = 1e-4,
     progress: bool = True,
 ) -> FishMask:
-    """Rank every trainable adapter entry by `config.strategy` and keep exactly k of them.
+    """Rank every trainable adapter entry with the scorer `config.strategy`; keep exactly k.
 
-    `batches` are training micro-batches (read for `fisher` and `reverse`, and for the dense
-    warm-up at `learning_rate`); the model must be the PEFT model as it will start training.
+    `batches` are training micro-batches (read by scorers such as `fisher` and `reverse`, and by
+    the dense warm-up at `learning_rate`); the model must be the PEFT model as it will start
+    training.
     """
     params = adapter_parameters(model)
     total = count_entries(params)
@@ -69,20 +70,10 @@ def compute_fish_mask(
             "warmup_steps": config.warmup_steps,
             "restore_after_warmup": config.restore_after_warmup,
         }
-    if config.strategy == "random":
-        scores = random_scores(params, config.seed)
-    else:
-        fisher = fisher_scores(
-            model,
-            batches,
-            params,
-            config.num_samples,
-            sampled_labels_seed=config.seed if config.fisher == "sampled" else None,
-            progress=progress,
-        )
-        metadata |= {"num_examples": fisher.num_examples, "fisher_seconds": fisher.seconds}
-        sign = -1.0 if config.strategy == "reverse" else 1.0
-        scores = {key: sign * score for key, score in fisher.scores.items()}
+    context = ScoringContext(model, batches, params, config, progress)
+    scored = score(config.strategy, context)
+    metadata |= scored.metadata
+    scores = scored.scores
     if config.warmup_steps and config.restore_after_warmup:
         restore(params, initial)
     groups = budget_groups(list(scores), config.scope)
@@ -95,12 +86,6 @@ def compute_fish_mask(
             f"equal scores (at LoRA's initialisation every lora_A score is exactly 0)."
         )
     return FishMask(masks=masks, metadata=metadata)
-
-
-def random_scores(params: Mapping[str, nn.Parameter], seed: int) -> dict[str, torch.Tensor]:
-    """Uniform scores from a seeded CPU generator: the same on every rank and every machine."""
-    generator = torch.Generator().manual_seed(seed)
-    return {key: torch.rand(p.shape, generator=generator) for key, p in params.items()}
 
 
 def peft_settings(model: nn.Module) -> dict[str, Any]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Strategy = Literal["fisher", "random", "reverse"]
 FisherKind = Literal["empirical", "sampled"]
 Scope = Literal["global", "per_tensor", "per_matrix"]
 BUDGET_KEYS = ("keep_ratio", "keep_params", "match_rank")
@@ -15,8 +14,9 @@ BUDGET_KEYS = ("keep_ratio", "keep_params", "match_rank")
 class FishMaskConfig(BaseModel):
     """How many adapter entries stay trainable and how they are chosen.
 
-    `fisher` keeps the entries with the largest empirical Fisher information (the paper);
-    `random` and `reverse` (the least important entries) are the paper's ablations at the same k.
+    `strategy` names a scorer (axolotl_fish.scorers): `fisher` keeps the entries with the largest
+    empirical Fisher information (the paper); `random` and `reverse` (the least important
+    entries) are the paper's ablations at the same k; installed packages can add more.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,7 +41,9 @@ class FishMaskConfig(BaseModel):
     num_samples: int = Field(
         default=1024, ge=1, description="Training examples used to estimate the Fisher information."
     )
-    strategy: Strategy = Field(default="fisher", description="How entries are ranked.")
+    strategy: str = Field(
+        default="fisher", description="The scorer that ranks entries (axolotl_fish.scorers)."
+    )
     fisher: FisherKind = Field(
         default="empirical",
         description="`empirical`: gradients at the data's labels (the paper); `sampled`: at labels "
@@ -64,6 +66,13 @@ class FishMaskConfig(BaseModel):
     mask_path: str | None = Field(
         default=None, description="Reuse a saved fish_mask.safetensors instead of computing one."
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def known_strategy(cls, name: str) -> str:
+        from axolotl_fish.scorers import check_strategy  # imports torch and installed scorers
+
+        return check_strategy(name)
 
     @model_validator(mode="after")
     def one_budget(self) -> FishMaskConfig:

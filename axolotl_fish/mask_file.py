@@ -70,7 +70,10 @@ class FishMask:
                 raw = handle.metadata() or {}
             metadata = {key: json.loads(value) for key, value in raw.items()}
         except (SafetensorError, ValueError, OSError) as err:
-            raise ValueError(f"{path} is not a readable safetensors mask file: {err}") from err
+            raise ValueError(
+                f"{path} is not a readable safetensors mask file (masks are never read with "
+                f"pickle): {err}"
+            ) from err
         for key, tensor in tensors.items():
             if tensor.dtype not in (torch.bool, torch.uint8):
                 raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected bool.")

@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 
 import torch
 
-from axolotl_fish.adapter_tensors import tensor_role
+from axolotl_fish.adapter_tensors import layer_index, tensor_role
 from axolotl_fish.mask_file import FishMask
 
 
-def selected_fractions(masks: dict[str, torch.Tensor], by: int) -> dict[str, tuple[int, int]]:
-    """(selected, total) entries grouped by module type (`by=0`) or matrix (`by=1`)."""
+def module_type(key: str) -> str:
+    return tensor_role(key)[0]
+
+
+def matrix(key: str) -> str:
+    return tensor_role(key)[1]
+
+
+def layer(key: str) -> str:
+    index = layer_index(key)
+    return "other" if index is None else str(index)
+
+
+def natural_order(name: str) -> list[str | int]:
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def selected_fractions(
+    masks: Mapping[str, torch.Tensor], group: Callable[[str], str]
+) -> dict[str, tuple[int, int]]:
+    """(selected, total) entries per group of tensors (`group` names a key's group), in
+    natural order."""
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for key, mask in masks.items():
-        group = groups[tensor_role(key)[by]]
-        group[0] += int(mask.sum())
-        group[1] += mask.numel()
-    return {name: (kept, total) for name, (kept, total) in sorted(groups.items())}
+        counts = groups[group(key)]
+        counts[0] += int(mask.sum())
+        counts[1] += mask.numel()
+    return {
+        name: (kept, total)
+        for name, (kept, total) in sorted(groups.items(), key=lambda item: natural_order(item[0]))
+    }
 
 
 def summarize(mask: FishMask) -> str:
@@ -33,10 +59,10 @@ def summarize(mask: FishMask) -> str:
             f"  Fisher pass: {meta['num_examples']} examples in "
             f"{meta.get('fisher_seconds', 0):.1f} s"
         )
-    for title, by in (("module", 0), ("matrix", 1)):
+    for title, group in (("module", module_type), ("matrix", matrix)):
         parts = [
             f"{name} {kept / total:.1%}"
-            for name, (kept, total) in selected_fractions(mask.masks, by).items()
+            for name, (kept, total) in selected_fractions(mask.masks, group).items()
         ]
         lines.append(f"  selected per {title}: " + ", ".join(parts))
     for tie in meta.get("tie_breaks", []):

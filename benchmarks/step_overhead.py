@@ -31,8 +31,8 @@ from common import (
 )
 
 from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.compute import random_scores
 from axolotl_fish.masking import GradientMask
+from axolotl_fish.scorers.builtin import random_scores
 from axolotl_fish.selection import select_top_k
 
 

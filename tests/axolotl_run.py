@@ -213,14 +213,14 @@ def _offline_env() -> dict[str, str]:
     return env
 
 
-def run_axolotl_train(
-    config_path: Path, cwd: Path, timeout: float = 300.0
+def run_axolotl(
+    args: list[str], cwd: Path, timeout: float = 300.0
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``axolotl train CONFIG`` CLI offline on CPU; raise with the log tail on failure.
+    """Run the real ``axolotl ARGS...`` CLI offline on CPU; raise with the log tail on failure.
 
     The CLI runs in its own process group so a timeout also kills the ``accelerate launch`` child.
     """
-    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path)]
+    cmd = [str(Path(sys.executable).parent / "axolotl"), *args]
     with subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -244,6 +244,13 @@ def run_axolotl_train(
             f"`{' '.join(cmd)}` exited with {result.returncode}; last output:\n{output[-4000:]}"
         )
     return result
+
+
+def run_axolotl_train(
+    config_path: Path, cwd: Path, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """``axolotl train CONFIG`` (see ``run_axolotl``)."""
+    return run_axolotl(["train", str(config_path)], cwd, timeout)
 
 
 def train_in_process(config_path: Path) -> None:

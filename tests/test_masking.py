@@ -6,8 +6,8 @@ import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.compute import random_scores
 from axolotl_fish.masking import GradientMask
+from axolotl_fish.scorers.builtin import random_scores
 from axolotl_fish.selection import select_top_k
 
 

@@ -14,6 +14,7 @@ from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.provenance import check_mask_fits
 from axolotl_fish.summary import summarize
 
 LOG = get_logger(__name__)
@@ -23,6 +24,11 @@ class FishMaskPlugin(BasePlugin):
     """FISH-Tuning: compute a Fisher mask before training and train only its entries."""
 
     _mask: FishMask | None = None
+
+    @property
+    def mask(self) -> FishMask | None:
+        """The mask of the current run, once `post_trainer_create` has made or loaded it."""
+        return self._mask
 
     def get_input_args(self) -> str:
         return "axolotl_fish.integration.args.FishMaskPluginArgs"
@@ -57,10 +63,12 @@ class FishMaskPlugin(BasePlugin):
         if not cfg.fish_mask:
             return
         config = FishMaskConfig(**cfg.fish_mask)
-        mask = _resume_mask(cfg) or _mask_from_file(config)
-        if mask is None:
+        source = _resume_mask_path(cfg) or _mask_path(config)
+        if source is None:
             mask = _computed_mask(trainer, config)
         else:
+            mask = FishMask.load(source)
+            check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
         trainer.add_callback(FishMaskCallback(trainer.model, mask))
@@ -74,7 +82,7 @@ class FishMaskPlugin(BasePlugin):
             LOG.info(f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
 
 
-def _resume_mask(cfg: DictDefault) -> FishMask | None:
+def _resume_mask_path(cfg: DictDefault) -> Path | None:
     """The mask saved in the checkpoint this run resumes from: a resume must keep its mask."""
     checkpoint = cfg.resume_from_checkpoint
     if checkpoint is None and cfg.auto_resume_from_checkpoints:
@@ -91,14 +99,13 @@ def _resume_mask(cfg: DictDefault) -> FishMask | None:
             f"run's mask file."
         )
     LOG.info(f"fish_mask: resuming with the mask saved in {path}")
-    return FishMask.load(path)
+    return path
 
 
-def _mask_from_file(config: FishMaskConfig) -> FishMask | None:
-    if config.mask_path is None:
-        return None
-    LOG.info(f"fish_mask: using the saved mask {config.mask_path} (no Fisher pass)")
-    return FishMask.load(config.mask_path)
+def _mask_path(config: FishMaskConfig) -> str | None:
+    if config.mask_path is not None:
+        LOG.info(f"fish_mask: using the saved mask {config.mask_path} (no Fisher pass)")
+    return config.mask_path
 
 
 def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
