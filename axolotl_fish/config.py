@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Strategy = Literal["fisher", "random", "reverse"]
 FisherKind = Literal["empirical", "sampled"]
@@ -64,6 +65,27 @@ class FishMaskConfig(BaseModel):
     mask_path: str | None = Field(
         default=None, description="Reuse a saved fish_mask.safetensors instead of computing one."
     )
+    include: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Regexes (re.search) over saved tensor names: only trainable tensors that "
+        "match one are candidates for the mask; the others train densely, outside k.",
+    )
+    exclude: list[str] | None = Field(
+        default=None,
+        description="Regexes over saved tensor names: matching trainable tensors are not "
+        "candidates and train densely, outside k.",
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def valid_patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+        return patterns
 
     @model_validator(mode="after")
     def one_budget(self) -> FishMaskConfig:

@@ -112,7 +112,7 @@ def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
         fish_mask={"keep_ratio": 0.5, "mask_path": str(out / MASK_FILENAME)},
     )
     log = run_axolotl_train(config, cwd=tmp_path).stdout
-    assert "no Fisher pass" in log and "scoring adapter entries" not in log
+    assert "no Fisher pass" in log and "fish_mask: scoring" not in log
     reused = FishMask.load(tmp_path / "out")
     original = FishMask.load(out)
     assert all(torch.equal(reused.masks[k], m) for k, m in original.masks.items())
