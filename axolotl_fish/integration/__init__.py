@@ -73,7 +73,7 @@ class FishMaskPlugin(BasePlugin):
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
-            LOG.info(f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
+            LOG.info(f"fish_mask: weights in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
 
 
 def _resume_mask(cfg: DictDefault) -> FishMask | None:
