@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
 from pydantic import ValidationError
 from tiny_peft import padded_batches, tiny_lora_model
 
@@ -114,3 +115,38 @@ def test_callback_masks_candidates_and_leaves_the_rest_dense(tmp_path):
     no_patterns = FishMask(masks=mask.masks, metadata={})  # as if made without include/exclude
     with pytest.raises(ValueError, match="The mask has no entry for adapter tensor"):
         FishMaskCallback(tiny_lora_model(), no_patterns)
+
+
+@pytest.mark.e2e
+def test_axolotl_include_exclude(tmp_path, tiny_llama_dir, alpaca_jsonl):
+    """Exact k over the candidates (layer 0's q_proj factors); masked entries unchanged in the
+    checkpoints; every other adapter tensor trains densely."""
+    fish_mask = {"keep_ratio": 0.3, "num_samples": 8, "include": ["q_proj"], "exclude": [r"\.1\."]}
+    config = write_config(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        plugins=["axolotl_fish.FishMaskPlugin"],
+        weight_decay=0.1,
+        max_grad_norm=0.5,
+        fish_mask=fish_mask,
+    )
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    out = tmp_path / "out"
+    first, final = load_adapter_tensors(out / "checkpoint-2"), load_adapter_tensors(out)
+    mask = FishMask.load(out)
+    assert set(mask.masks) == {
+        f"base_model.model.model.layers.0.self_attn.q_proj.lora_{m}.weight" for m in "AB"
+    }
+    assert mask.k == round(0.3 * mask.total) == mask.metadata["k"]
+    assert mask.total == sum(first[key].numel() for key in mask.masks)
+    assert mask.metadata["include"] == ["q_proj"] and mask.metadata["exclude"] == [r"\.1\."]
+    assert "train densely, outside k" in log and "outside the mask: " in log
+    for key, tensor in final.items():
+        if key in mask.masks:
+            keep = mask.masks[key]
+            assert torch.equal(tensor[~keep], first[key][~keep]), key
+            if "lora_B" in key:
+                assert not tensor[~keep].any(), key  # lora_B starts at 0
+        else:
+            assert (tensor != first[key]).all(), key  # dense: every entry moves

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
 from axolotl_run import run_axolotl_train, tiny_model_config, write_config
 from safetensors.torch import load_file
 from test_fisher import max_relative_error, reference_fisher
@@ -124,3 +126,26 @@ def test_axolotl_full_fine_tune_keeps_masked_weights_of_the_base_model(
             assert torch.equal(saved[key][~keep], base[key][~keep]), (folder, key)
     moved = sum(int((saved[k] != base[k])[m].sum()) for k, m in mask.masks.items())
     assert moved > 0.5 * mask.k
+
+
+def full_fine_tune_config(tiny_llama_dir, alpaca_jsonl, **fish_mask) -> DictDefault:
+    cfg = DictDefault(
+        base_model=str(tiny_llama_dir),
+        datasets=[{"path": str(alpaca_jsonl), "ds_type": "json", "type": "alpaca"}],
+        sequence_len=64,
+        micro_batch_size=2,
+        num_epochs=1,
+        learning_rate=1e-3,
+        output_dir="./out",
+        plugins=["axolotl_fish.FishMaskPlugin"],
+        fish_mask=fish_mask,
+    )
+    prepare_plugins(cfg)
+    return validate_config(cfg)
+
+
+def test_validation_accepts_no_adapter_but_not_match_rank(tiny_llama_dir, alpaca_jsonl):
+    cfg = full_fine_tune_config(tiny_llama_dir, alpaca_jsonl, keep_ratio=0.01)
+    assert cfg.adapter is None and cfg.fish_mask["keep_ratio"] == 0.01
+    with pytest.raises(ValueError, match="without an adapter use keep_ratio or keep_params"):
+        full_fine_tune_config(tiny_llama_dir, alpaca_jsonl, match_rank=8)
