@@ -29,6 +29,10 @@ def test_keys_are_the_saved_model_files_keys_and_a_tied_tensor_counts_once(tmp_p
     tied = model.lm_head.weight is model.get_input_embeddings().weight
     assert tied == (arch == "gpt2")
     assert ("lm_head.weight" in params) != tied
+    embedding = model.get_input_embeddings().weight
+    [embedding_key] = [key for key, param in params.items() if param is embedding]
+    embedding.requires_grad_(False)  # frozen, e.g. by Axolotl's `unfrozen_parameters`
+    assert set(trainable_parameters(model)) == set(params) - {embedding_key}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
