@@ -23,10 +23,10 @@ class FishMaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keep_ratio: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fraction of the adapter's entries that train."
+        default=None, gt=0.0, le=1.0, description="Fraction of the candidate entries that train."
     )
     keep_params: int | None = Field(
-        default=None, ge=1, description="Absolute number of adapter entries that train."
+        default=None, ge=1, description="Absolute number of candidate entries that train."
     )
     match_rank: int | None = Field(
         default=None,

@@ -113,7 +113,7 @@ def test_callback_masks_candidates_and_leaves_the_rest_dense(tmp_path):
             assert changed.all(), key
 
     no_patterns = FishMask(masks=mask.masks, metadata={})  # as if made without include/exclude
-    with pytest.raises(ValueError, match="The mask has no entry for adapter tensor"):
+    with pytest.raises(ValueError, match="The mask has no entry for tensor"):
         FishMaskCallback(tiny_lora_model(), no_patterns)
 
 
