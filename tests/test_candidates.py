@@ -150,3 +150,21 @@ def test_axolotl_include_exclude(tmp_path, tiny_llama_dir, alpaca_jsonl):
                 assert not tensor[~keep].any(), key  # lora_B starts at 0
         else:
             assert (tensor != first[key]).all(), key  # dense: every entry moves
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_warmup_trains_and_restores_every_trainable_tensor(restore):
+    """Outside tensors train densely in the run, so the warm-up treats them the same way: they
+    warm up with the candidates, are restored with them, and are left without a stale .grad."""
+    model = tiny_lora_model(nonzero_b=False)
+    params = adapter_parameters(model)
+    initial = {k: p.detach().clone() for k, p in params.items()}
+    config = FishMaskConfig(
+        keep_ratio=0.5, include=INCLUDE, warmup_steps=2, restore_after_warmup=restore
+    )
+    mask = compute_fish_mask(model, padded_batches(8, 4), config, progress=False)
+    outside_b = [k for k in params if k not in mask.masks and "lora_B" in k]
+    assert outside_b
+    for key in outside_b:
+        assert torch.equal(params[key].detach(), initial[key]) == restore, key
+    assert all(p.grad is None for p in model.parameters())
