@@ -33,7 +33,8 @@ class FishMaskPluginArgs(BaseModel):
                 f"with no `adapter:`, the model's own parameters; adapter={adapter!r} is not "
                 f"supported."
             )
-        if adapter is None and dict(data["fish_mask"]).get("match_rank") is not None:
+        fish_mask = data["fish_mask"]
+        if adapter is None and isinstance(fish_mask, dict) and fish_mask.get("match_rank"):
             raise ValueError(
                 "fish_mask.match_rank counts entries of LoRA factors; without an adapter use "
                 "keep_ratio or keep_params."
