@@ -1,7 +1,8 @@
 """Which tensors a mask covers, and the names they are saved under.
 
-Masks are keyed exactly like `adapter_model.safetensors` (PEFT drops the adapter name), so a
-mask file can be checked key by key against the adapter it belongs to.
+With a PEFT adapter, masks are keyed exactly like `adapter_model.safetensors` (PEFT drops the
+adapter name); without one (full-parameter mode), like the model's own `model.safetensors`. Either
+way a mask file can be checked key by key against the weights it belongs to.
 """
 
 from __future__ import annotations
@@ -10,6 +11,40 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every trainable tensor, keyed by its name in the saved adapter (PEFT model) or in the
+    saved model (any other model: full-parameter mode)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return adapter_parameters(model)
+    return model_parameters(model)
+
+
+def model_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every trainable parameter of a plain model, keyed like its saved state dict.
+
+    A tied tensor (lm_head.weight sharing embed_tokens' storage) is one tensor: it appears once,
+    under the key `save_pretrained` keeps for it (transformers' own rule), so a mask never holds
+    two disagreeing masks for one tensor.
+    """
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    if isinstance(model, PreTrainedModel):
+        state = remove_tied_weights_from_state_dict(state, model)
+    saved_key: dict[int, str] = {}
+    for key, tensor in state.items():
+        saved_key.setdefault(tensor.data_ptr(), key)
+    params = {
+        saved_key[param.data_ptr()]: param for param in model.parameters() if param.requires_grad
+    }
+    if not params:
+        raise ValueError("The model has no trainable parameters.")
+    return params
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:

@@ -21,7 +21,7 @@ def budget(config: FishMaskConfig, tensors: Mapping[str, torch.Tensor]) -> int:
         k, given = entries_at_rank(tensors, config.match_rank), f"match_rank={config.match_rank}"
     if not 1 <= k <= total:
         raise ValueError(
-            f"fish_mask.{given} selects {k} entries, but the adapter has {total} "
+            f"fish_mask.{given} selects {k} entries, but the candidates have {total} "
             f"(k must be between 1 and {total})."
         )
     return k
@@ -30,6 +30,11 @@ def budget(config: FishMaskConfig, tensors: Mapping[str, torch.Tensor]) -> int:
 def entries_at_rank(tensors: Mapping[str, torch.Tensor], rank: int) -> int:
     """Trainable entries the same adapter would have at `rank`: "rank 16 masked to the size of
     rank 8" trains exactly as many entries as a dense rank-8 adapter."""
+    if all(rank_axis(key) is None for key in tensors):
+        raise ValueError(
+            "fish_mask.match_rank needs LoRA factors among the candidates (there are none: no "
+            "adapter, or include/exclude left none); use keep_ratio or keep_params."
+        )
     total = 0
     for key, tensor in tensors.items():
         axis = rank_axis(key)

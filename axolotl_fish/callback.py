@@ -1,4 +1,4 @@
-"""A `transformers.TrainerCallback` that trains a PEFT model under a FishMask.
+"""A `transformers.TrainerCallback` that trains a model (PEFT or not) under a FishMask.
 
 Usable with any HF `Trainer`:
 
@@ -15,7 +15,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.adapter_tensors import trainable_parameters
+from axolotl_fish.candidates import select_candidates
 from axolotl_fish.distributed import check_identical_across_ranks
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
@@ -30,7 +31,11 @@ class FishMaskCallback(TrainerCallback):
     """
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
-        params = adapter_parameters(model)
+        # The mask's own include/exclude say which tensors it covers; the others train densely.
+        meta = mask.metadata
+        params = select_candidates(
+            trainable_parameters(model), meta.get("include"), meta.get("exclude")
+        )
         mask.check_matches(params)
         check_identical_across_ranks(mask.masks)
         self.mask = mask

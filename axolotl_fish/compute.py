@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from axolotl_fish.adapter_tensors import adapter_parameters, count_entries
+from axolotl_fish.adapter_tensors import count_entries, trainable_parameters
 from axolotl_fish.budget import budget, budget_groups
+from axolotl_fish.candidates import select_candidates
 from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.scorers import ScoringContext, score
@@ -41,13 +42,21 @@ def compute_fish_mask(
     learning_rate: float = 1e-4,
     progress: bool = True,
 ) -> FishMask:
-    """Rank every trainable adapter entry with the scorer `config.strategy`; keep exactly k.
+    """Rank every candidate entry with the scorer `config.strategy`; keep exactly k.
 
+    Candidates are the trainable tensors (a PEFT model's adapter, or any other model's own
+    parameters: full-parameter mode) that `config.include` / `config.exclude` pick.
     `batches` are training micro-batches (read by scorers such as `fisher` and `reverse`, and by
-    the dense warm-up at `learning_rate`); the model must be the PEFT model as it will start
-    training.
+    the dense warm-up at `learning_rate`); the model must be as it will start training.
     """
-    params = adapter_parameters(model)
+    trainable = trainable_parameters(model)
+    params = select_candidates(trainable, config.include, config.exclude)
+    dense = count_entries(trainable) - count_entries(params)
+    if dense:
+        LOG.warning(
+            f"fish_mask: {len(trainable) - len(params)} trainable tensors ({dense:,} entries) "
+            f"are outside fish_mask.include/exclude: they train densely, outside k."
+        )
     total = count_entries(params)
     k = budget(config, params)
     metadata: dict[str, Any] = {
@@ -59,12 +68,15 @@ def compute_fish_mask(
         "total": total,
         "num_samples": config.num_samples,
         "seed": config.seed,
+        "include": config.include,
+        "exclude": config.exclude,
+        "dense_outside": dense,
         "axolotl_fish_version": version("axolotl-fish"),
         **peft_settings(model),
     }
     if config.warmup_steps:  # for every strategy, so they differ only in the mask
         initial = dense_warmup(
-            model, batches, params, config.warmup_steps, learning_rate, progress=progress
+            model, batches, trainable, config.warmup_steps, learning_rate, progress=progress
         )
         metadata |= {
             "warmup_steps": config.warmup_steps,
@@ -75,7 +87,7 @@ def compute_fish_mask(
     metadata |= scored.metadata
     scores = scored.scores
     if config.warmup_steps and config.restore_after_warmup:
-        restore(params, initial)
+        restore(trainable, initial)
     groups = budget_groups(list(scores), config.scope)
     masks, ties = select_in_groups(scores, k, config.seed, groups)
     if ties:
@@ -89,10 +101,12 @@ def compute_fish_mask(
 
 
 def peft_settings(model: nn.Module) -> dict[str, Any]:
-    """The adapter settings a mask depends on, for its metadata (empty for a non-PEFT model)."""
+    """The adapter settings a mask depends on, for its metadata; without an adapter
+    (full-parameter mode) the model's name."""
     peft_config = getattr(model, "peft_config", {}).get("default")
     if peft_config is None:
-        return {}
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        return {"peft_type": None, "base_model_name_or_path": name}
     settings = peft_config.to_dict()
     return {
         name: sorted(value) if isinstance(value, set) else value

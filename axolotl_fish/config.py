@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,10 +23,10 @@ class FishMaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keep_ratio: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fraction of the adapter's entries that train."
+        default=None, gt=0.0, le=1.0, description="Fraction of the candidate entries that train."
     )
     keep_params: int | None = Field(
-        default=None, ge=1, description="Absolute number of adapter entries that train."
+        default=None, ge=1, description="Absolute number of candidate entries that train."
     )
     match_rank: int | None = Field(
         default=None,
@@ -66,6 +67,27 @@ class FishMaskConfig(BaseModel):
     mask_path: str | None = Field(
         default=None, description="Reuse a saved fish_mask.safetensors instead of computing one."
     )
+    include: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Regexes (re.search) over saved tensor names: only trainable tensors that "
+        "match one are candidates for the mask; the others train densely, outside k.",
+    )
+    exclude: list[str] | None = Field(
+        default=None,
+        description="Regexes over saved tensor names: matching trainable tensors are not "
+        "candidates and train densely, outside k.",
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def valid_patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+        return patterns
 
     @field_validator("strategy")
     @classmethod

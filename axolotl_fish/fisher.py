@@ -12,7 +12,8 @@ Two paths compute the same numbers:
   output gradients g; embedding factors are formed from the token ids and the layer's output
   gradient.
 - Generic path: every other trainable tensor (DoRA magnitudes and DoRA-coupled factors,
-  modules_to_save copies, biases outside LoRA factors): one forward and backward per example.
+  modules_to_save copies, biases outside LoRA factors, a full model's own weights in
+  full-parameter mode): one forward and backward per example, gradients of that example only.
 
 `empirical` Fisher uses the data's labels (the paper); `sampled` Fisher replaces each label token
 by a draw from the model's own predictive distribution (the true Fisher). A draw depends only on

@@ -1,4 +1,5 @@
-"""`fish_mask.safetensors`: one bool tensor per adapter tensor, keyed like the saved adapter.
+"""`fish_mask.safetensors`: one bool tensor per candidate tensor, keyed like the saved weights
+(`adapter_model.safetensors`, or `model.safetensors` in full-parameter mode).
 
 Safetensors only (never pickle), so a shared mask cannot run code. Metadata values are stored as
 JSON strings. Writes go to a temporary file that is renamed into place, so a crash never leaves a
@@ -23,7 +24,7 @@ MASK_FILENAME = "fish_mask.safetensors"
 
 @dataclass
 class FishMask:
-    """Which adapter entries train (True) and how that was decided."""
+    """Which entries train (True) and how that was decided."""
 
     masks: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -80,21 +81,21 @@ class FishMask:
         return cls(masks={k: t.bool() for k, t in tensors.items()}, metadata=metadata)
 
     def check_matches(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Raise if keys or shapes differ from the adapter tensors the mask is applied to."""
+        """Raise if keys or shapes differ from the candidate tensors the mask is applied to."""
         missing = sorted(set(tensors) - set(self.masks))
         if missing:
             raise ValueError(
-                f"The mask has no entry for adapter tensor {missing[0]!r} ({len(missing)} missing)."
+                f"The mask has no entry for tensor {missing[0]!r} ({len(missing)} missing)."
             )
         unknown = sorted(set(self.masks) - set(tensors))
         if unknown:
             raise ValueError(
-                f"The mask has tensor {unknown[0]!r}, which the adapter lacks "
+                f"The mask has tensor {unknown[0]!r}, which the model lacks "
                 f"({len(unknown)} unknown)."
             )
         for key, tensor in tensors.items():
             if tuple(self.masks[key].shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"Mask shape {tuple(self.masks[key].shape)} for tensor {key!r} does not match "
-                    f"the adapter's {tuple(tensor.shape)}."
+                    f"the model's {tuple(tensor.shape)}."
                 )

@@ -50,7 +50,7 @@ def summarize(mask: FishMask) -> str:
     """Multi-line summary: k of total, the pass, and the selected fraction per module and matrix."""
     meta = mask.metadata
     lines = [
-        f"FISH mask: {mask.k:,} of {mask.total:,} adapter entries trainable "
+        f"FISH mask: {mask.k:,} of {mask.total:,} candidate entries trainable "
         f"({mask.k / mask.total:.2%}), strategy={meta.get('strategy')}, "
         f"scope={meta.get('scope', 'global')}, seed={meta.get('seed')}",
     ]
@@ -58,6 +58,11 @@ def summarize(mask: FishMask) -> str:
         lines.append(
             f"  Fisher pass: {meta['num_examples']} examples in "
             f"{meta.get('fisher_seconds', 0):.1f} s"
+        )
+    if meta.get("dense_outside"):
+        lines.append(
+            f"  outside the mask: {meta['dense_outside']:,} entries train densely "
+            f"(include={meta.get('include')}, exclude={meta.get('exclude')})"
         )
     for title, group in (("module", module_type), ("matrix", matrix)):
         parts = [

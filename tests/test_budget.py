@@ -39,7 +39,7 @@ def test_budget(settings, k):
     [
         (
             {"keep_params": TOTAL + 1},
-            "keep_params=120 selects 120 entries, but the adapter has 119",
+            "keep_params=120 selects 120 entries, but the candidates have 119",
         ),
         ({"keep_ratio": 0.001}, "keep_ratio=0.001 selects 0 entries"),
         ({"match_rank": 5}, "match_rank=5 exceeds the rank 4 of tensor 'm.q_proj.lora_A.weight'"),

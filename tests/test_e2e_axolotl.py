@@ -112,7 +112,7 @@ def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
         fish_mask={"keep_ratio": 0.5, "mask_path": str(out / MASK_FILENAME)},
     )
     log = run_axolotl_train(config, cwd=tmp_path).stdout
-    assert "no Fisher pass" in log and "scoring adapter entries" not in log
+    assert "no Fisher pass" in log and "fish_mask: scoring" not in log
     reused = FishMask.load(tmp_path / "out")
     original = FishMask.load(out)
     assert all(torch.equal(reused.masks[k], m) for k, m in original.masks.items())
@@ -181,10 +181,11 @@ def test_warmup_then_restore(tmp_path, tiny_llama_dir, alpaca_jsonl):
     [
         ("llama", {"peft_use_dora": True, "lora_modules_to_save": ["lm_head"]}),
         ("llama", {"peft_use_rslora": True, "peft_init_lora_weights": "pissa"}),
+        ("qwen2", {"peft_init_lora_weights": "olora", "lora_target_linear": True}),
         ("llama", {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
         ("gpt2", {}),
     ],
-    ids=["dora+modules_to_save", "rslora+pissa", "embedding", "gpt2-conv1d"],
+    ids=["dora+modules_to_save", "rslora+pissa", "olora+target_linear", "embedding", "gpt2-conv1d"],
 )
 def test_adapter_variants_keep_exact_k_and_frozen_entries(
     tmp_path, tiny_model_dir, alpaca_jsonl, arch, variant

@@ -78,7 +78,7 @@ def test_check_matches_names_the_tensor():
     mask.check_matches(tensors)
     with pytest.raises(ValueError, match=r"\(2, 2\) for tensor 'a\.lora_A\.weight'.*\(2, 3\)"):
         mask.check_matches({**tensors, "a.lora_A.weight": torch.zeros(2, 3)})
-    with pytest.raises(ValueError, match="no entry for adapter tensor 'c'"):
+    with pytest.raises(ValueError, match="no entry for tensor 'c'"):
         mask.check_matches({**tensors, "c": torch.zeros(1)})
-    with pytest.raises(ValueError, match="tensor 'b', which the adapter lacks"):
+    with pytest.raises(ValueError, match="tensor 'b', which the model lacks"):
         mask.check_matches({"a.lora_A.weight": torch.zeros(2, 2)})

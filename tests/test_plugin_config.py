@@ -74,7 +74,7 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
             "'fisher', 'random' or 'reverse'",
         ),
         ({"fish_mask": {"keep_ratio": 0.5, "kep_ratio": 1}}, "fish_mask.kep_ratio"),
-        ({"adapter": None}, "set `adapter: lora` or `qlora`"),
+        ({"adapter": "llama-adapter"}, "adapter='llama-adapter' is not supported"),
         ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
         ({"deepspeed": "zero2.json"}, "does not support deepspeed yet"),

@@ -39,6 +39,8 @@ class FishMaskPlugin(BasePlugin):
                 "FishMaskPlugin is listed but there is no `fish_mask:` block: it does nothing."
             )
             return
+        if cfg.get("adapter") is None:  # full fine-tuning: no LoRA kernels to turn off
+            return
         unset = [key for key in LORA_KERNEL_KEYS if cfg.get(key) is None]
         for key in unset:
             cfg[key] = False
@@ -79,7 +81,7 @@ class FishMaskPlugin(BasePlugin):
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
-            LOG.info(f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
+            LOG.info(f"fish_mask: weights in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
 
 
 def _resume_mask_path(cfg: DictDefault) -> Path | None:
@@ -112,7 +114,7 @@ def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
     """A loaded mask wins over the config; say so when they disagree."""
     differ = [
         f"{name}: config {getattr(config, name)!r}, mask {mask.metadata.get(name)!r}"
-        for name in ("strategy", "keep_ratio", "seed")
+        for name in ("strategy", "keep_ratio", "seed", "include", "exclude")
         if name in mask.metadata and mask.metadata[name] != getattr(config, name)
     ]
     if differ:
@@ -125,7 +127,7 @@ def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
 
 def _computed_mask(trainer: Trainer, config: FishMaskConfig) -> FishMask:
     LOG.info(
-        f"fish_mask: scoring adapter entries with strategy={config.strategy} over "
+        f"fish_mask: scoring entries with strategy={config.strategy} over "
         f"{config.num_samples} training examples"
     )
     return compute_fish_mask(

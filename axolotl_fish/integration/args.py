@@ -12,7 +12,8 @@ from axolotl_fish.config import FishMaskConfig
 # Axolotl's fused LoRA kernels call the LoRA weights directly, bypassing the PEFT module
 # forward that the Fisher pass records.
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-SUPPORTED_ADAPTERS = ("lora", "qlora")
+# None: full fine-tuning, where the mask covers the model's own parameters (the FISH Mask).
+SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
 
 class FishMaskPluginArgs(BaseModel):
@@ -28,8 +29,15 @@ class FishMaskPluginArgs(BaseModel):
         adapter = data.get("adapter")
         if adapter not in SUPPORTED_ADAPTERS:
             raise ValueError(
-                f"fish_mask masks the entries of a LoRA adapter: set `adapter: lora` or `qlora` "
-                f"(got adapter={adapter!r})."
+                f"fish_mask masks the entries of a LoRA adapter (`adapter: lora` or `qlora`) or, "
+                f"with no `adapter:`, the model's own parameters; adapter={adapter!r} is not "
+                f"supported."
+            )
+        fish_mask = data["fish_mask"]
+        if adapter is None and isinstance(fish_mask, dict) and fish_mask.get("match_rank"):
+            raise ValueError(
+                "fish_mask.match_rank counts entries of LoRA factors; without an adapter use "
+                "keep_ratio or keep_params."
             )
         if adapter == "qlora" and not torch.cuda.is_available():
             raise ValueError(
