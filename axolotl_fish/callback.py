@@ -26,13 +26,13 @@ class FishMaskCallback(TrainerCallback):
 
     Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
     here, before the optimizer is built. Under torch.distributed it first checks that every
-    rank holds the same mask.
+    rank holds the same mask (`digest`: its SHA-256).
     """
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
         params = adapter_parameters(model)
         mask.check_matches(params)
-        check_identical_across_ranks(mask.masks)
+        self.digest = check_identical_across_ranks(mask.masks)
         self.mask = mask
         self.gradient_mask = GradientMask(params, mask.masks)
 

@@ -13,6 +13,7 @@ from torch import nn
 from axolotl_fish.adapter_tensors import adapter_parameters, count_entries
 from axolotl_fish.budget import budget, budget_groups
 from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
+from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.selection import select_in_groups
@@ -58,6 +59,7 @@ def compute_fish_mask(
         "total": total,
         "num_samples": config.num_samples,
         "seed": config.seed,
+        "world_size": rank_and_world()[1],
         "axolotl_fish_version": version("axolotl-fish"),
         **peft_settings(model),
     }
