@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
@@ -214,17 +215,22 @@ def _offline_env() -> dict[str, str]:
 
 
 def run_axolotl_train(
-    config_path: Path, cwd: Path, timeout: float = 300.0
+    config_path: Path,
+    cwd: Path,
+    timeout: float = 300.0,
+    cli_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``axolotl train CONFIG`` CLI offline on CPU; raise with the log tail on failure.
+    """Run the real ``axolotl train CONFIG [cli_args]`` CLI offline on CPU, with ``env`` added to
+    the environment; raise with the log tail on failure.
 
     The CLI runs in its own process group so a timeout also kills the ``accelerate launch`` child.
     """
-    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path)]
+    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path), *cli_args]
     with subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=_offline_env(),
+        env={**_offline_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
@@ -12,6 +14,7 @@ from transformers import Trainer, set_seed
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.summary import summarize
@@ -52,10 +55,12 @@ class FishMaskPlugin(BasePlugin):
         LOG.info(
             f"fish_mask: seeded torch with {seed} before the adapter is built (reproducible init)"
         )
+        _cpu_device_map_for_multiprocess(cfg)
 
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if not cfg.fish_mask:
             return
+        _check_every_process_is_a_rank(trainer)
         config = FishMaskConfig(**cfg.fish_mask)
         mask = _resume_mask(cfg) or _mask_from_file(config)
         if mask is None:
@@ -63,15 +68,61 @@ class FishMaskPlugin(BasePlugin):
         else:
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
-        trainer.add_callback(FishMaskCallback(trainer.model, mask))
-        self._mask = mask
+        callback = FishMaskCallback(trainer.model, mask)
+        rank, world = rank_and_world()
+        if world > 1:
+            LOG.info(
+                f"fish_mask: rank {rank} of {world} holds mask sha256:{callback.digest}, "
+                f"the same as every other rank",
+                main_process_only=False,
+            )
+        trainer.add_callback(callback)
+        self._mask = mask if trainer.is_world_process_zero() else None
 
     def post_train_unload(self, cfg: DictDefault) -> None:
-        # The CLI's last hook, after the final adapter save: the report ends the run's log.
+        # The CLI's last hook, after the final adapter save: the report ends the run's log. The
+        # process group is gone by now, so Axolotl's main-process filter would fail: only the
+        # world process zero kept the mask.
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
-            LOG.info(f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
+            LOG.info(
+                f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}",
+                main_process_only=False,
+            )
+
+
+def _cpu_device_map_for_multiprocess(cfg: DictDefault) -> None:
+    """Let a multi-process run (torchrun, accelerate launch) load the model on CPU.
+
+    With WORLD_SIZE > 1 Axolotl 0.19 always sets `device_map = {"": LOCAL_RANK}`; on a machine
+    without an accelerator transformers then fails with "Cannot access accelerator device when
+    none is available". The model loader already holds this dict, so it is edited in place.
+    """
+    device_map = cfg.device_map
+    if torch.accelerator.is_available() or not isinstance(device_map, dict):
+        return
+    ranks = {key: value for key, value in device_map.items() if isinstance(value, int)}
+    if ranks:
+        device_map.update(dict.fromkeys(ranks, "cpu"))
+        LOG.info(f"fish_mask: no accelerator, loading the model on CPU (device_map was {ranks})")
+
+
+def _check_every_process_is_a_rank(trainer: Trainer) -> None:
+    """Refuse processes that would each train alone on all the data.
+
+    Without an accelerator, accelerate treats processes started by torchrun or
+    `accelerate launch --multi_gpu` as separate single-process runs unless ACCELERATE_USE_CPU is
+    set: each would train on every example, and the Fisher pass would count each one per process.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != trainer.args.world_size:
+        raise RuntimeError(
+            f"fish_mask: {launched} processes were launched but the Trainer runs "
+            f"{trainer.args.world_size} data-parallel rank(s), so each process would train alone "
+            f"on all the data. On CPU, set ACCELERATE_USE_CPU=1: `ACCELERATE_USE_CPU=1 axolotl "
+            f"train CONFIG --launcher accelerate -- --multi_gpu --num_processes {launched}`."
+        )
 
 
 def _resume_mask(cfg: DictDefault) -> FishMask | None:
