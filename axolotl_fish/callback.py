@@ -22,7 +22,8 @@ from axolotl_fish.masking import GradientMask
 
 
 class FishMaskCallback(TrainerCallback):
-    """Freezes unselected entries and writes the mask beside every checkpoint and the final adapter.
+    """Freezes unselected entries and writes the mask into `output_dir` when training starts (where
+    the final adapter goes) and into every checkpoint.
 
     Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
     here, before the optimizer is built. Under torch.distributed it first checks that every
@@ -41,6 +42,11 @@ class FishMaskCallback(TrainerCallback):
     ) -> None:
         # After a resume the checkpoint's weights are loaded by now; frozen entries keep those.
         self.gradient_mask.snapshot()
+        # Written before the first step, so a run killed before its checkpoint's mask is written
+        # (the Trainer calls on_save only after the checkpoint is complete) can resume with it.
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.mask.save(args.output_dir)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -59,7 +65,4 @@ class FishMaskCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        if state.is_world_process_zero:
-            os.makedirs(args.output_dir, exist_ok=True)
-            self.mask.save(args.output_dir)
         self.gradient_mask.remove()

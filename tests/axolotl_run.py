@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from unittest import mock
 
 import torch
@@ -214,6 +214,28 @@ def _offline_env() -> dict[str, str]:
     return env
 
 
+def start_axolotl_train(
+    config_path: Path,
+    cwd: Path,
+    cli_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO[str] = subprocess.PIPE,
+) -> subprocess.Popen[str]:
+    """Start the real ``axolotl train CONFIG [cli_args]`` CLI offline on CPU, with ``env`` added
+    to the environment, in its own process group: ``os.killpg(proc.pid, ...)`` also reaches the
+    ``accelerate launch`` child and its workers."""
+    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path), *cli_args]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**_offline_env(), **(env or {})},
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def run_axolotl_train(
     config_path: Path,
     cwd: Path,
@@ -221,21 +243,9 @@ def run_axolotl_train(
     cli_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``axolotl train CONFIG [cli_args]`` CLI offline on CPU, with ``env`` added to
-    the environment; raise with the log tail on failure.
-
-    The CLI runs in its own process group so a timeout also kills the ``accelerate launch`` child.
-    """
-    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path), *cli_args]
-    with subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env={**_offline_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    ) as proc:
+    """Run ``start_axolotl_train`` to the end; raise with the log tail on failure or timeout."""
+    with start_axolotl_train(config_path, cwd, cli_args, env) as proc:
+        cmd = proc.args
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

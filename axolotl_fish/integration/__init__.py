@@ -135,6 +135,15 @@ def _resume_mask(cfg: DictDefault) -> FishMask | None:
     if checkpoint is None:
         return None
     path = Path(checkpoint) / MASK_FILENAME
+    run_mask = Path(cfg.output_dir) / MASK_FILENAME
+    if (
+        not path.is_file()
+        and Path(checkpoint).resolve().parent == Path(cfg.output_dir).resolve()
+        and run_mask.is_file()
+    ):
+        # Killed between the checkpoint and its mask: the run wrote its mask when it started.
+        LOG.warning(f"fish_mask: {checkpoint} has no {MASK_FILENAME}; using the run's {run_mask}")
+        path = run_mask
     if not path.is_file():
         raise FileNotFoundError(
             f"Resuming from {checkpoint}, which has no {MASK_FILENAME}: recomputing the mask on "
