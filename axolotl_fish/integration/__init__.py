@@ -9,10 +9,11 @@ import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
+from torch import nn
 from transformers import Trainer, set_seed
 
 from axolotl_fish.callback import FishMaskCallback
-from axolotl_fish.compute import compute_fish_mask
+from axolotl_fish.compute import compute_fish_mask, peft_settings
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
@@ -66,7 +67,7 @@ class FishMaskPlugin(BasePlugin):
         if mask is None:
             mask = _computed_mask(trainer, config)
         else:
-            _warn_if_settings_differ(mask, config)
+            _warn_if_settings_differ(mask, config, trainer.model)
         LOG.info(summarize(mask))
         callback = FishMaskCallback(trainer.model, mask)
         rank, world = rank_and_world()
@@ -158,15 +159,25 @@ def _mask_from_file(config: FishMaskConfig) -> FishMask | None:
     if config.mask_path is None:
         return None
     LOG.info(f"fish_mask: using the saved mask {config.mask_path} (no Fisher pass)")
-    return FishMask.load(config.mask_path)
+    try:
+        return FishMask.load(config.mask_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"fish_mask.mask_path: {err}") from err
 
 
-def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
-    """A loaded mask wins over the config; say so when they disagree."""
+def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig, model: nn.Module) -> None:
+    """A loaded mask wins over the config; say so when they disagree.
+
+    A mask from another base model or other LoRA settings with the same tensor keys and shapes
+    is a warning, not an error: moving a model folder or reusing a mask on a fine-tune of the
+    same base is legitimate. Different keys or shapes are errors (FishMask.check_matches).
+    """
+    run = {name: getattr(config, name) for name in ("strategy", "keep_ratio", "seed")}
+    run |= peft_settings(model)
     differ = [
-        f"{name}: config {getattr(config, name)!r}, mask {mask.metadata.get(name)!r}"
-        for name in ("strategy", "keep_ratio", "seed")
-        if name in mask.metadata and mask.metadata[name] != getattr(config, name)
+        f"{name}: config {value!r}, mask {mask.metadata[name]!r}"
+        for name, value in run.items()
+        if name in mask.metadata and mask.metadata[name] != value
     ]
     if differ:
         LOG.warning(
