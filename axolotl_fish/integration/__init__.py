@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
@@ -17,6 +15,7 @@ from axolotl_fish.compute import compute_fish_mask, peft_settings
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
+from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.summary import summarize
 
@@ -56,12 +55,12 @@ class FishMaskPlugin(BasePlugin):
         LOG.info(
             f"fish_mask: seeded torch with {seed} before the adapter is built (reproducible init)"
         )
-        _cpu_device_map_for_multiprocess(cfg)
+        cpu_device_map(cfg)
 
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if not cfg.fish_mask:
             return
-        _check_every_process_is_a_rank(trainer)
+        check_every_process_is_a_rank(trainer)
         config = FishMaskConfig(**cfg.fish_mask)
         mask = _resume_mask(cfg) or _mask_from_file(config)
         if mask is None:
@@ -91,39 +90,6 @@ class FishMaskPlugin(BasePlugin):
                 f"fish_mask: adapter in {cfg.output_dir}, mask in {path}\n{summarize(mask)}",
                 main_process_only=False,
             )
-
-
-def _cpu_device_map_for_multiprocess(cfg: DictDefault) -> None:
-    """Let a multi-process run (torchrun, accelerate launch) load the model on CPU.
-
-    With WORLD_SIZE > 1 Axolotl 0.19 always sets `device_map = {"": LOCAL_RANK}`; on a machine
-    without an accelerator transformers then fails with "Cannot access accelerator device when
-    none is available". The model loader already holds this dict, so it is edited in place.
-    """
-    device_map = cfg.device_map
-    if torch.accelerator.is_available() or not isinstance(device_map, dict):
-        return
-    ranks = {key: value for key, value in device_map.items() if isinstance(value, int)}
-    if ranks:
-        device_map.update(dict.fromkeys(ranks, "cpu"))
-        LOG.info(f"fish_mask: no accelerator, loading the model on CPU (device_map was {ranks})")
-
-
-def _check_every_process_is_a_rank(trainer: Trainer) -> None:
-    """Refuse processes that would each train alone on all the data.
-
-    Without an accelerator, accelerate treats processes started by torchrun or
-    `accelerate launch --multi_gpu` as separate single-process runs unless ACCELERATE_USE_CPU is
-    set: each would train on every example, and the Fisher pass would count each one per process.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != trainer.args.world_size:
-        raise RuntimeError(
-            f"fish_mask: {launched} processes were launched but the Trainer runs "
-            f"{trainer.args.world_size} data-parallel rank(s), so each process would train alone "
-            f"on all the data. On CPU, set ACCELERATE_USE_CPU=1: `ACCELERATE_USE_CPU=1 axolotl "
-            f"train CONFIG --launcher accelerate -- --multi_gpu --num_processes {launched}`."
-        )
 
 
 def _resume_mask(cfg: DictDefault) -> FishMask | None:
