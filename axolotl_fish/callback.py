@@ -15,29 +15,25 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from axolotl_fish.adapter_tensors import trainable_parameters
-from axolotl_fish.candidates import select_candidates
+from axolotl_fish.candidates import governed_by
 from axolotl_fish.distributed import check_identical_across_ranks
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
 
 
 class FishMaskCallback(TrainerCallback):
-    """Freezes unselected entries and writes the mask beside every checkpoint and the final adapter.
+    """Freezes unselected entries and writes the mask into `output_dir` when training starts (where
+    the final adapter goes) and into every checkpoint.
 
     Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
     here, before the optimizer is built. Under torch.distributed it first checks that every
-    rank holds the same mask.
+    rank holds the same mask (`digest`: its SHA-256).
     """
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
-        # The mask's own include/exclude say which tensors it covers; the others train densely.
-        meta = mask.metadata
-        params = select_candidates(
-            trainable_parameters(model), meta.get("include"), meta.get("exclude")
-        )
+        params = governed_by(mask, model)  # tensors outside its include/exclude train densely
         mask.check_matches(params)
-        check_identical_across_ranks(mask.masks)
+        self.digest = check_identical_across_ranks(mask.masks)
         self.mask = mask
         self.gradient_mask = GradientMask(params, mask.masks)
 
@@ -46,6 +42,11 @@ class FishMaskCallback(TrainerCallback):
     ) -> None:
         # After a resume the checkpoint's weights are loaded by now; frozen entries keep those.
         self.gradient_mask.snapshot()
+        # Written before the first step, so a run killed before its checkpoint's mask is written
+        # (the Trainer calls on_save only after the checkpoint is complete) can resume with it.
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.mask.save(args.output_dir)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -64,7 +65,4 @@ class FishMaskCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        if state.is_world_process_zero:
-            os.makedirs(args.output_dir, exist_ok=True)
-            self.mask.save(args.output_dir)
         self.gradient_mask.remove()

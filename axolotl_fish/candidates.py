@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from axolotl_fish.adapter_tensors import trainable_parameters
+from axolotl_fish.mask_file import FishMask
+
 
 def select_candidates(
     trainable: Mapping[str, nn.Parameter],
@@ -40,3 +43,10 @@ def select_candidates(
             f"fish_mask.include={include} with exclude={exclude} leaves no tensor to mask."
         )
     return candidates
+
+
+def governed_by(mask: FishMask, model: nn.Module) -> dict[str, nn.Parameter]:
+    """The tensors a saved mask governs on `model`: its own recorded include/exclude (not the
+    config's) over the model's trainable tensors."""
+    meta = mask.metadata
+    return select_candidates(trainable_parameters(model), meta.get("include"), meta.get("exclude"))

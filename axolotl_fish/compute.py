@@ -14,6 +14,7 @@ from axolotl_fish.adapter_tensors import count_entries, trainable_parameters
 from axolotl_fish.budget import budget, budget_groups
 from axolotl_fish.candidates import select_candidates
 from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
+from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.scorers import ScoringContext, score
 from axolotl_fish.selection import select_in_groups
@@ -71,6 +72,7 @@ def compute_fish_mask(
         "include": config.include,
         "exclude": config.exclude,
         "dense_outside": dense,
+        "world_size": rank_and_world()[1],
         "axolotl_fish_version": version("axolotl-fish"),
         **peft_settings(model),
     }

@@ -64,15 +64,17 @@ def mask_digest(masks: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_identical_across_ranks(masks: Mapping[str, torch.Tensor]) -> None:
-    """Stop with a clear error if any rank holds a different mask than rank 0."""
+def check_identical_across_ranks(masks: Mapping[str, torch.Tensor]) -> str:
+    """Stop with a clear error if any rank holds a different mask than rank 0; return the digest."""
+    digest = mask_digest(masks)
     if not is_distributed():
-        return
+        return digest
     digests: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(digests, mask_digest(masks))
+    torch.distributed.all_gather_object(digests, digest)
     differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
     if differing:
         raise RuntimeError(
             f"FISH masks differ across ranks: ranks {differing} disagree with rank 0 "
             f"(digests {digests}). Every rank must train the same entries."
         )
+    return digest

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from axolotl_fish.distributed import share_of, sum_over_ranks
+from axolotl_fish.distributed import rank_and_world, share_of, sum_over_ranks
 from axolotl_fish.rng import preserved_rng_state
 
 LOG = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def fisher_scores(
     device = next(iter(params.values())).device
     wanted = share_of(num_samples)
     seen = 0
+    bad_batch: tuple[int, int] | None = None
     was_training = model.training
     model.eval()
     bar = tqdm(total=wanted, unit="example", desc="Fisher pass", disable=not progress)
@@ -137,20 +138,48 @@ def fisher_scores(
                     _accumulate_rowwise(model, batch, seen, sampled_labels_seed, rowwise, scores)
                 seen += rows
                 bar.update(rows)
+                if not _all_finite(scores):
+                    bad_batch = (seen - rows, seen - 1)  # every rank learns of it after the sum
+                    break
                 if seen >= wanted:
                     break
     finally:
         bar.close()
         taps.remove()
         model.train(was_training)
-    if seen < wanted:
+    if seen < wanted and bad_batch is None:
         LOG.warning(f"Fisher pass: the data ran out after {seen} of {wanted} examples; used all.")
     seen = sum_over_ranks(scores, seen)
+    _check_finite(scores, bad_batch)
     if seen == 0:
         raise ValueError("The Fisher pass saw no example with label tokens.")
     for score in scores.values():
         score.div_(seen)
     return FisherScores(scores=scores, num_examples=seen, seconds=time.perf_counter() - start)
+
+
+def _all_finite(scores: Mapping[str, torch.Tensor]) -> bool:
+    return bool(torch.stack([score.isfinite().all() for score in scores.values()]).all())
+
+
+def _check_finite(scores: Mapping[str, torch.Tensor], bad_batch: tuple[int, int] | None) -> None:
+    """Stop on NaN/Inf (an fp16 overflow, a broken example): skipping them would silently
+    change the estimate, keeping them would decide the ranking. Names the tensor and, on the
+    rank that read them, the micro-batch's examples."""
+    key = next((key for key, score in scores.items() if not score.isfinite().all()), None)
+    if key is None:
+        return
+    rank, _ = rank_and_world()
+    where = (
+        f"examples {bad_batch[0]}-{bad_batch[1]} of the pass on rank {rank} (one micro-batch, "
+        f"counted from 0 in data-loader order)"
+        if bad_batch
+        else "examples read by another rank (see its error)"
+    )
+    raise FloatingPointError(
+        f"Fisher pass: non-finite gradient for adapter tensor {key!r} from {where}. Check those "
+        f"examples and the training precision; no mask was made."
+    )
 
 
 def _example_losses(

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.candidates import governed_by
 from axolotl_fish.compute import peft_settings
 from axolotl_fish.mask_file import FishMask
 
@@ -37,7 +37,7 @@ def check_mask_fits(mask: FishMask, model: nn.Module, source: str) -> None:
         for name, (saved, value) in adapter_differences(mask, model).items()
     )
     try:
-        mask.check_matches(adapter_parameters(model))
+        mask.check_matches(governed_by(mask, model))
     except ValueError as err:
         reason = f" It was made for another adapter ({differences})." if differences else ""
         raise ValueError(f"{source} does not fit this model: {err}{reason}") from None

@@ -14,8 +14,9 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from unittest import mock
 
 import torch
@@ -213,23 +214,36 @@ def _offline_env() -> dict[str, str]:
     return env
 
 
-def run_axolotl(
-    args: list[str], cwd: Path, timeout: float = 300.0
-) -> subprocess.CompletedProcess[str]:
-    """Run the real ``axolotl ARGS...`` CLI offline on CPU; raise with the log tail on failure.
-
-    The CLI runs in its own process group so a timeout also kills the ``accelerate launch`` child.
-    """
+def start_axolotl(
+    args: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO[str] = subprocess.PIPE,
+) -> subprocess.Popen[str]:
+    """Start the real ``axolotl ARGS...`` CLI offline on CPU, with ``env`` added to the
+    environment, in its own process group: ``os.killpg(proc.pid, ...)`` also reaches the
+    ``accelerate launch`` child and its workers."""
     cmd = [str(Path(sys.executable).parent / "axolotl"), *args]
-    with subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=_offline_env(),
-        stdout=subprocess.PIPE,
+        env={**_offline_env(), **(env or {})},
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-    ) as proc:
+    )
+
+
+def run_axolotl(
+    args: Sequence[str],
+    cwd: Path,
+    timeout: float = 300.0,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``start_axolotl`` to the end; raise with the log tail on failure or timeout."""
+    with start_axolotl(args, cwd, env) as proc:
+        cmd = proc.args
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -246,11 +260,26 @@ def run_axolotl(
     return result
 
 
+def start_axolotl_train(
+    config_path: Path,
+    cwd: Path,
+    cli_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO[str] = subprocess.PIPE,
+) -> subprocess.Popen[str]:
+    """``axolotl train CONFIG [cli_args]``, started (see ``start_axolotl``)."""
+    return start_axolotl(["train", str(config_path), *cli_args], cwd, env, stdout)
+
+
 def run_axolotl_train(
-    config_path: Path, cwd: Path, timeout: float = 300.0
+    config_path: Path,
+    cwd: Path,
+    timeout: float = 300.0,
+    cli_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``axolotl train CONFIG`` (see ``run_axolotl``)."""
-    return run_axolotl(["train", str(config_path)], cwd, timeout)
+    """``axolotl train CONFIG [cli_args]``, run to the end (see ``run_axolotl``)."""
+    return run_axolotl(["train", str(config_path), *cli_args], cwd, timeout, env)
 
 
 def train_in_process(config_path: Path) -> None:

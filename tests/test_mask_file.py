@@ -67,6 +67,15 @@ def test_unreadable_files_are_clear_errors(tmp_path, content):
         FishMask.load(path)
 
 
+def test_truncated_file_is_a_clear_error(tmp_path):
+    whole = sample_mask().save(tmp_path).read_bytes()
+    path = tmp_path / "cut.safetensors"
+    for size in (len(whole) - 1, len(whole) // 2, 8):
+        path.write_bytes(whole[:size])
+        with pytest.raises(ValueError, match=r"cut\.safetensors is not a readable safetensors"):
+            FishMask.load(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No FISH mask file"):
         FishMask.load(tmp_path / "nope.safetensors")

@@ -77,7 +77,8 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"adapter": "llama-adapter"}, "adapter='llama-adapter' is not supported"),
         ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
-        ({"deepspeed": "zero2.json"}, "does not support deepspeed yet"),
+        ({"deepspeed": "zero2.json"}, "does not support deepspeed yet.*train on one device or"),
+        ({"fsdp": ["full_shard"]}, "does not support fsdp yet.*with DDP"),
         ({"fsdp_config": {"fsdp_version": 2}}, "does not support fsdp_config yet"),
     ],
 )

@@ -12,7 +12,9 @@ from transformers import Trainer, set_seed
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
+from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.provenance import check_mask_fits
 from axolotl_fish.summary import summarize
@@ -60,28 +62,43 @@ class FishMaskPlugin(BasePlugin):
         LOG.info(
             f"fish_mask: seeded torch with {seed} before the adapter is built (reproducible init)"
         )
+        cpu_device_map(cfg)
 
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if not cfg.fish_mask:
             return
+        check_every_process_is_a_rank(trainer)
         config = FishMaskConfig(**cfg.fish_mask)
         source = _resume_mask_path(cfg) or _mask_path(config)
         if source is None:
             mask = _computed_mask(trainer, config)
         else:
-            mask = FishMask.load(source)
+            mask = _load_mask(source, config)
             check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
-        trainer.add_callback(FishMaskCallback(trainer.model, mask))
-        self._mask = mask
+        callback = FishMaskCallback(trainer.model, mask)
+        rank, world = rank_and_world()
+        if world > 1:
+            LOG.info(
+                f"fish_mask: rank {rank} of {world} holds mask sha256:{callback.digest}, "
+                f"the same as every other rank",
+                main_process_only=False,
+            )
+        trainer.add_callback(callback)
+        self._mask = mask if trainer.is_world_process_zero() else None
 
     def post_train_unload(self, cfg: DictDefault) -> None:
-        # The CLI's last hook, after the final adapter save: the report ends the run's log.
+        # The CLI's last hook, after the final adapter save: the report ends the run's log. The
+        # process group is gone by now, so Axolotl's main-process filter would fail: only the
+        # world process zero kept the mask.
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
-            LOG.info(f"fish_mask: weights in {cfg.output_dir}, mask in {path}\n{summarize(mask)}")
+            LOG.info(
+                f"fish_mask: weights in {cfg.output_dir}, mask in {path}\n{summarize(mask)}",
+                main_process_only=False,
+            )
 
 
 def _resume_mask_path(cfg: DictDefault) -> Path | None:
@@ -94,6 +111,15 @@ def _resume_mask_path(cfg: DictDefault) -> Path | None:
     if checkpoint is None:
         return None
     path = Path(checkpoint) / MASK_FILENAME
+    run_mask = Path(cfg.output_dir) / MASK_FILENAME
+    if (
+        not path.is_file()
+        and Path(checkpoint).resolve().parent == Path(cfg.output_dir).resolve()
+        and run_mask.is_file()
+    ):
+        # Killed between the checkpoint and its mask: the run wrote its mask when it started.
+        LOG.warning(f"fish_mask: {checkpoint} has no {MASK_FILENAME}; using the run's {run_mask}")
+        path = run_mask
     if not path.is_file():
         raise FileNotFoundError(
             f"Resuming from {checkpoint}, which has no {MASK_FILENAME}: recomputing the mask on "
@@ -110,8 +136,19 @@ def _mask_path(config: FishMaskConfig) -> str | None:
     return config.mask_path
 
 
+def _load_mask(source: Path | str, config: FishMaskConfig) -> FishMask:
+    """Read a saved mask; an unreadable `mask_path` names the config key that pointed at it."""
+    try:
+        return FishMask.load(source)
+    except (FileNotFoundError, ValueError) as err:
+        if str(source) != config.mask_path:
+            raise
+        raise type(err)(f"fish_mask.mask_path: {err}") from err
+
+
 def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
-    """A loaded mask wins over the config; say so when they disagree."""
+    """A loaded mask wins over the config; say so when they disagree. (Whether it fits the
+    model - keys, shapes, the adapter it was made for - is `check_mask_fits`'s job.)"""
     differ = [
         f"{name}: config {getattr(config, name)!r}, mask {mask.metadata.get(name)!r}"
         for name in ("strategy", "keep_ratio", "seed", "include", "exclude")

@@ -48,7 +48,9 @@ class FishMaskPluginArgs(BaseModel):
         if sharded:
             raise ValueError(
                 f"fish_mask does not support {sharded[0]} yet: sharded or flattened parameters "
-                f"would not match the mask. Train on one device or with plain DDP."
+                f"would not match the mask. Remove `{sharded[0]}` and train on one device or with "
+                f"DDP: `axolotl train CONFIG --launcher accelerate -- --multi_gpu --num_processes "
+                f"N` (on CPU, with ACCELERATE_USE_CPU=1)."
             )
         enabled = [key for key in LORA_KERNEL_KEYS if data.get(key)]
         if enabled:
