@@ -16,7 +16,7 @@ import torch
 from axolotl.utils.dict import DictDefault
 from axolotl_run import load_adapter_tensors, run_axolotl_train, start_axolotl_train, write_config
 
-from axolotl_fish.integration import _resume_mask
+from axolotl_fish.integration import _resume_mask_path
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 
 # k below the lora_B count: masked B entries must stay exactly 0, and every lora_A is frozen.
@@ -101,9 +101,9 @@ def test_checkpoint_killed_before_its_mask_resumes_with_the_runs_mask(tmp_path):
     cfg = DictDefault(
         output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "checkpoint-4")
     )
-    assert same_mask(_resume_mask(cfg), run_mask)
+    assert same_mask(FishMask.load(_resume_mask_path(cfg)), run_mask)
     elsewhere = tmp_path / "other" / "checkpoint-4"
     elsewhere.mkdir(parents=True)
     cfg = DictDefault(output_dir=str(tmp_path), resume_from_checkpoint=str(elsewhere))
     with pytest.raises(FileNotFoundError, match=r"checkpoint-4, which has no fish_mask"):
-        _resume_mask(cfg)
+        _resume_mask_path(cfg)

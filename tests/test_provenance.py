@@ -43,7 +43,7 @@ def test_another_rank_is_an_error_naming_tensor_and_setting():
 
 def test_other_targets_are_an_error_naming_the_targets():
     mask = random_mask()
-    with pytest.raises(ValueError, match=r"no entry for adapter tensor .*k_proj\.lora_A") as err:
+    with pytest.raises(ValueError, match=r"no entry for tensor .*k_proj\.lora_A") as err:
         check_mask_fits(mask, tiny_lora_model(extra_targets=("k_proj",)), "m.safetensors")
     assert "target_modules: mask ['down_proj', 'q_proj', 'v_proj'], this run [" in str(err.value)
 
