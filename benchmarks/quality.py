@@ -363,6 +363,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("outputs/quality"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and methods")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="no training: rebuild the table and plots from the runs recorded so far",
+    )
     args = parser.parse_args()
     if args.test is None and args.data == CACHE / "sentiment" / "train.jsonl":
         args.test = CACHE / "sentiment" / "test.jsonl"
@@ -385,7 +390,7 @@ def main() -> None:
         if k in ("steps", "micro_batch", "lr", "num_samples", "eval_size")
     }
     done = {
-        (row["method"], row["seed"])
+        (row.get("method"), row.get("seed"))
         for row in load_results(results_path)
         if row["settings"] == settings
     }
@@ -401,29 +406,29 @@ def main() -> None:
         and (method.name, seed) not in done
     ]
     start = time.perf_counter()
-    untrained = scorer.accuracy(None)
-    print(f"untrained accuracy {untrained:.3f} on {len(held_out)} held-out rows", flush=True)
-    for index, (method, seed) in enumerate(plan, 1):
+    untrained = untrained_accuracy(scorer, results_path, settings)
+    for index, (method, seed) in enumerate([] if args.report else plan, 1):
         run_dir = args.work / f"seed{seed}" / method.name.replace(" ", "_").replace(">", "")
         seconds = train(config_for(method, seed, args, run_dir), run_dir)
         accuracy = scorer.accuracy(run_dir)
         k, total = mask_counts(run_dir)
-        row = {
-            "method": method.name,
-            "group": method.group,
-            "strategy": method.strategy,
-            "remedy": method.remedy,
-            "in_sweep": method.in_sweep,
-            "rank": method.rank,
-            "seed": seed,
-            "k": k,
-            "fraction": k * method.rank / (total * 2 * args.rank),
-            "accuracy": accuracy,
-            "train_seconds": round(seconds, 1),
-            "settings": settings,
-        }
-        with results_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append(
+            results_path,
+            {
+                "method": method.name,
+                "group": method.group,
+                "strategy": method.strategy,
+                "remedy": method.remedy,
+                "in_sweep": method.in_sweep,
+                "rank": method.rank,
+                "seed": seed,
+                "k": k,
+                "fraction": k * method.rank / (total * 2 * args.rank),
+                "accuracy": accuracy,
+                "train_seconds": round(seconds, 1),
+                "settings": settings,
+            },
+        )
         elapsed = time.perf_counter() - start
         eta = elapsed / index * (len(plan) - index)
         print(
@@ -432,21 +437,43 @@ def main() -> None:
             f"eta {eta / 60:.1f} min",
             flush=True,
         )
-    results = [r for r in load_results(results_path) if r["settings"] == settings]
+    results = [
+        row
+        for row in load_results(results_path)
+        if row["settings"] == settings and row["group"] != "untrained"
+    ]
     by_method = grouped(results)
     plot(by_method, untrained, args.out)
+    seeds = sorted({row["seed"] for row in results})
     lines = [
         f"Held-out accuracy on {len(held_out)} rows (label log-likelihood); {args.steps} steps x "
         f"micro-batch {args.micro_batch}, lr {args.lr:g}, Fisher samples {args.num_samples}, "
-        f"seeds {args.seeds}; untrained model {untrained:.3f}.",
+        f"seeds {seeds}; untrained model {untrained:.3f}.",
         "",
         *table(by_method),
         "",
-        f"{machine()}; this invocation ran {len(plan)} trainings in "
-        f"{(time.perf_counter() - start) / 60:.1f} min.",
+        f"{machine()}; {len(results)} trainings, `axolotl train` wall time "
+        f"{sum(row['train_seconds'] for row in results) / 60:.1f} min in all"
+        + (f"; not yet run: {len(plan)}." if args.report and plan else "."),
     ]
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def untrained_accuracy(scorer: LabelScorer, results_path: Path, settings: dict) -> float:
+    """The base model's accuracy, measured once per settings and kept in the results file."""
+    for row in load_results(results_path):
+        if row["group"] == "untrained" and row["settings"] == settings:
+            return row["accuracy"]
+    accuracy = scorer.accuracy(None)
+    append(results_path, {"group": "untrained", "accuracy": accuracy, "settings": settings})
+    print(f"untrained accuracy {accuracy:.3f}", flush=True)
+    return accuracy
+
+
+def append(results_path: Path, row: dict) -> None:
+    with results_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
