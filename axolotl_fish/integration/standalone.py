@@ -37,5 +37,6 @@ def compute_mask_for_config(config: Path) -> tuple[FishMask, Path]:
         load = load_preference_datasets if cfg.rl else load_datasets
         dataset_meta = load(cfg=cfg, cli_args=TrainerCliArgs())
     setup_model_and_trainer(cfg, dataset_meta)
-    assert plugin.mask is not None  # set by post_trainer_create
+    if plugin.mask is None:  # post_trainer_create keeps it on world process zero
+        raise RuntimeError(f"Axolotl built the trainer for {config} but the plugin made no mask.")
     return plugin.mask, Path(cfg.output_dir) / MASK_FILENAME
