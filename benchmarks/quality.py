@@ -372,7 +372,7 @@ def parse_args() -> argparse.Namespace:
     if args.test is None and args.data == CACHE / "sentiment" / "train.jsonl":
         args.test = CACHE / "sentiment" / "test.jsonl"
     if args.quick:
-        args.seeds, args.steps, args.ratios = args.seeds[:1], min(args.steps, 15), [0.1]
+        args.seeds, args.steps, args.ratios = args.seeds[:1], min(args.steps, 10), [0.1]
         args.work, args.out = args.work / "quick", args.out / "quick"
     return args
 

@@ -56,8 +56,12 @@ def killed_then_resumed(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
         proc.wait()
     killed_at = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert killed_at[-1] < 40 and not (out / "adapter_model.safetensors").exists()
-    # The kill may land between a checkpoint and its mask (the Trainer saves the mask last).
-    last = out / f"checkpoint-{killed_at[-1]}"
+    # The kill may land while a checkpoint is being saved (the resume then takes the newest
+    # complete one: it has trainer_state.json) or between a complete checkpoint and its mask.
+    last = max(
+        (p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     resumes_from = last / MASK_FILENAME if (last / MASK_FILENAME).is_file() else out / MASK_FILENAME
     log = run_axolotl_train(config, cwd=tmp).stdout
     return tmp, resumes_from, log
@@ -109,4 +113,22 @@ def test_checkpoint_killed_before_its_mask_resumes_with_the_runs_mask(tmp_path):
     elsewhere.mkdir(parents=True)
     cfg = DictDefault(output_dir=str(tmp_path), resume_from_checkpoint=str(elsewhere))
     with pytest.raises(FileNotFoundError, match=r"checkpoint-4, which has no fish_mask"):
+        _resume_mask_path(cfg)
+
+
+def test_auto_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    """Axolotl's auto-resume would take the newest folder and crash on its missing
+    trainer_state.json; the plugin points it at the newest complete checkpoint instead."""
+    mask = FishMask({"a": torch.tensor([True, False])}, {"strategy": "fisher"})
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    mask.save(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"partial")
+    cfg = DictDefault(output_dir=str(tmp_path), auto_resume_from_checkpoints=True)
+    assert _resume_mask_path(cfg) == tmp_path / "checkpoint-2" / MASK_FILENAME
+    assert cfg.resume_from_checkpoint == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    cfg = DictDefault(output_dir=str(tmp_path), auto_resume_from_checkpoints=True)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* was saved completely"):
         _resume_mask_path(cfg)

@@ -105,9 +105,7 @@ def _resume_mask_path(cfg: DictDefault) -> Path | None:
     """The mask saved in the checkpoint this run resumes from: a resume must keep its mask."""
     checkpoint = cfg.resume_from_checkpoint
     if checkpoint is None and cfg.auto_resume_from_checkpoints:
-        from axolotl.utils.train import determine_last_checkpoint
-
-        checkpoint = determine_last_checkpoint(cfg, update=False)
+        checkpoint = _last_complete_checkpoint(cfg)
     if checkpoint is None:
         return None
     path = Path(checkpoint) / MASK_FILENAME
@@ -128,6 +126,34 @@ def _resume_mask_path(cfg: DictDefault) -> Path | None:
         )
     LOG.info(f"fish_mask: resuming with the mask saved in {path}")
     return path
+
+
+def _last_complete_checkpoint(cfg: DictDefault) -> str | None:
+    """The newest checkpoint the Trainer finished saving, which Axolotl's auto-resume is then told
+    to use (by setting `resume_from_checkpoint`).
+
+    Axolotl takes the newest `checkpoint-N` folder, even one a kill interrupted while it was being
+    saved; the resume then crashes on its missing `trainer_state.json` (the Trainer writes it last).
+    """
+    checkpoints = sorted(
+        (p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if (checkpoint / "trainer_state.json").is_file():
+            cfg.resume_from_checkpoint = str(checkpoint)
+            return cfg.resume_from_checkpoint
+        LOG.warning(
+            f"fish_mask: not resuming from {checkpoint}: it has no trainer_state.json (the run "
+            f"was stopped while saving it)"
+        )
+    if checkpoints:
+        raise FileNotFoundError(
+            f"auto_resume_from_checkpoints: no checkpoint in {cfg.output_dir} was saved completely "
+            f"(none has trainer_state.json); remove them to start afresh."
+        )
+    return None
 
 
 def _mask_path(config: FishMaskConfig) -> str | None:
