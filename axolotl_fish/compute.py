@@ -16,7 +16,7 @@ from axolotl_fish.candidates import select_candidates
 from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
 from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.mask_file import FishMask
-from axolotl_fish.scorers import ScoringContext, score
+from axolotl_fish.scorers import ScoringContext, check_strategy, score
 from axolotl_fish.selection import select_in_groups
 from axolotl_fish.warmup import dense_warmup, restore
 
@@ -50,6 +50,7 @@ def compute_fish_mask(
     `batches` are training micro-batches (read by scorers such as `fisher` and `reverse`, and by
     the dense warm-up at `learning_rate`); the model must be as it will start training.
     """
+    check_strategy(config.strategy)  # before the warm-up or any pass over the data
     trainable = trainable_parameters(model)
     params = select_candidates(trainable, config.include, config.exclude)
     dense = count_entries(trainable) - count_entries(params)

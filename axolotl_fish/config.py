@@ -17,7 +17,10 @@ class FishMaskConfig(BaseModel):
 
     `strategy` names a scorer (axolotl_fish.scorers): `fisher` keeps the entries with the largest
     empirical Fisher information (the paper); `random` and `reverse` (the least important
-    entries) are the paper's ablations at the same k; installed packages can add more.
+    entries) are the paper's ablations at the same k; installed packages can add more. The
+    name is checked against the installed scorers (`axolotl_fish.scorers.check_strategy`) by
+    `compute_fish_mask` before any work and by the Axolotl schema at config validation: the
+    settings themselves do not depend on the scorer registry (which depends on them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -88,13 +91,6 @@ class FishMaskConfig(BaseModel):
             except re.error as err:
                 raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
         return patterns
-
-    @field_validator("strategy")
-    @classmethod
-    def known_strategy(cls, name: str) -> str:
-        from axolotl_fish.scorers import check_strategy  # imports torch and installed scorers
-
-        return check_strategy(name)
 
     @model_validator(mode="after")
     def one_budget(self) -> FishMaskConfig:

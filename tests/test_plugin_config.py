@@ -71,7 +71,7 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"fish_mask": {"keep_ratio": 0.5, "num_samples": 0}}, "fish_mask.num_samples"),
         (
             {"fish_mask": {"keep_ratio": 0.5, "strategy": "magic"}},
-            "'fisher', 'random' or 'reverse'",
+            "fish_mask.strategy: unknown scorer 'magic': expected 'fisher', 'random' or 'reverse'",
         ),
         ({"fish_mask": {"keep_ratio": 0.5, "kep_ratio": 1}}, "fish_mask.kep_ratio"),
         ({"adapter": "llama-adapter"}, "adapter='llama-adapter' is not supported"),

@@ -106,9 +106,15 @@ def test_builtins_come_through_the_hook():
     assert [impl.plugin_name for impl in impls] == ["axolotl_fish.builtin"]
 
 
-def test_unknown_strategy_names_the_available_ones():
+def unread_batches():
+    raise AssertionError("the data was read before the strategy was checked")
+    yield  # a generator: the assertion fires on the first read
+
+
+def test_unknown_strategy_names_the_available_ones_before_any_work():
+    config = FishMaskConfig(keep_ratio=0.5, strategy="magic", warmup_steps=2)
     with pytest.raises(ValueError, match="unknown scorer 'magic': expected 'fisher', 'random' or"):
-        FishMaskConfig(keep_ratio=0.5, strategy="magic")
+        compute_fish_mask(tiny_lora_model(), unread_batches(), config, progress=False)
 
 
 def test_reverse_is_negated_fisher():

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.scorers import check_strategy
 
 # Axolotl's fused LoRA kernels call the LoRA weights directly, bypassing the PEFT module
 # forward that the Fisher pass records.
@@ -20,6 +21,17 @@ class FishMaskPluginArgs(BaseModel):
     """Adds `fish_mask:` to the Axolotl config (unique name: Axolotl merges args by class name)."""
 
     fish_mask: FishMaskConfig | None = None
+
+    @field_validator("fish_mask")
+    @classmethod
+    def installed_strategy(cls, fish_mask: FishMaskConfig | None) -> FishMaskConfig | None:
+        """An unknown `strategy` fails at validation, listing the installed scorers."""
+        if fish_mask is not None:
+            try:
+                check_strategy(fish_mask.strategy)
+            except ValueError as err:
+                raise ValueError(f"fish_mask.strategy: {err}") from None
+        return fish_mask
 
     @model_validator(mode="before")
     @classmethod
