@@ -57,12 +57,24 @@ class FishMaskCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         if state.is_world_process_zero:
-            checkpoint = os.path.join(
-                args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            )
+            self.mask.save(_checkpoint_dir(args, state))
+
+    def on_push_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        # With `push_to_hub`, the Trainer uploads a checkpoint (hub_strategy `checkpoint` or
+        # `all_checkpoints`) before `on_save`: the mask must be in it already. output_dir, which
+        # every push uploads, has had its mask since training began.
+        checkpoint = _checkpoint_dir(args, state)
+        if state.is_world_process_zero and os.path.isdir(checkpoint):
             self.mask.save(checkpoint)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         self.gradient_mask.remove()
+
+
+def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
+    """The `checkpoint-N` folder the Trainer saves at the current step."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

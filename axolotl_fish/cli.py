@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from axolotl_fish.mask_file import FishMask
+from axolotl_fish.mask_source import load_mask
 
 
-def _load(path: Path) -> FishMask:
+def _load(source: str) -> FishMask:
+    """A mask file, a folder holding one, or a Hub reference (`hf://org/name[@rev][/path]`)."""
     try:
-        return FishMask.load(path)
+        return load_mask(source)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from err
 
@@ -45,36 +47,45 @@ def compute(config: Path, output: Path | None) -> None:
 
 
 @fish_mask.command()
-@click.argument("mask", type=click.Path(path_type=Path))
+@click.argument("mask")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap.")
 @click.option("--tensors", is_flag=True, help="Also list every tensor.")
-def inspect(mask: Path, png: Path | None, tensors: bool) -> None:
-    """Metadata, k of total, and the selected fraction per layer, module type and matrix."""
-    from axolotl_fish.report import inspect_report
+@click.option(
+    "--card", is_flag=True, help="Print the FISH-Tuning section of the model card instead."
+)
+def inspect(mask: str, png: Path | None, tensors: bool, card: bool) -> None:
+    """Metadata, k of total, and the selected fraction per layer, module type and matrix.
 
+    MASK is a mask file, a folder holding fish_mask.safetensors (an adapter's output_dir or
+    checkpoint), or a Hub reference hf://org/name[@revision][/path]."""
     loaded = _load(mask)
-    click.echo(inspect_report(loaded, str(mask), per_tensor=tensors))
-    if png is not None:
-        from axolotl_fish.heatmap import save_heatmap
+    if card:
+        from axolotl_fish.model_card import card_section
 
-        meta = loaded.metadata
-        title = (
-            f"{mask.name}\n{loaded.k:,} of {loaded.total:,} entries selected "
-            f"({loaded.k / loaded.total:.1%}), strategy={meta.get('strategy', '?')}"
-        )
+        click.echo(card_section(loaded, mask), nl=False)
+    else:
+        from axolotl_fish.report import inspect_report
+
+        click.echo(inspect_report(loaded, mask, per_tensor=tensors))
+    if png is not None:
+        from axolotl_fish.heatmap import heatmap_title, save_heatmap
+
+        title = heatmap_title(loaded, mask)
         click.echo(f"heatmap written to {save_heatmap(loaded, png, title)}")
 
 
 @fish_mask.command()
-@click.argument("mask_a", type=click.Path(path_type=Path))
-@click.argument("mask_b", type=click.Path(path_type=Path))
-def diff(mask_a: Path, mask_b: Path) -> None:
-    """Overlap of two masks of the same adapter: intersection, Jaccard, per module type."""
+@click.argument("mask_a")
+@click.argument("mask_b")
+def diff(mask_a: str, mask_b: str) -> None:
+    """Overlap of two masks of the same adapter: intersection, Jaccard, per module type.
+
+    Each mask is a file, a folder holding one, or a Hub reference (hf://...)."""
     from axolotl_fish.report import diff_report
 
     a, b = _load(mask_a), _load(mask_b)
     try:
-        click.echo(diff_report(a, b, str(mask_a), str(mask_b)))
+        click.echo(diff_report(a, b, mask_a, mask_b))
     except ValueError as err:
         message = f"{mask_a} and {mask_b} do not cover the same tensors: {err}"
         raise click.ClickException(message) from err

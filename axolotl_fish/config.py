@@ -68,7 +68,10 @@ class FishMaskConfig(BaseModel):
         default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."
     )
     mask_path: str | None = Field(
-        default=None, description="Reuse a saved fish_mask.safetensors instead of computing one."
+        default=None,
+        description="Reuse a saved fish_mask.safetensors instead of computing one: a file, a "
+        "folder holding one, or a Hub reference hf://org/name[@revision][/path] "
+        "(axolotl_fish.mask_source).",
     )
     include: list[str] | None = Field(
         default=None,

@@ -12,6 +12,16 @@ from axolotl_fish.summary import layer, module_type, selected_fractions
 
 # Cells are labelled with their percentage while they stay readable.
 _MAX_LABELLED_CELLS = 600
+# Where the demo writes the picture: beside the adapter and its mask.
+HEATMAP_FILENAME = "fish_mask_heatmap.png"
+
+
+def heatmap_title(mask: FishMask, source: str) -> str:
+    """Where the mask came from, k of total and the strategy."""
+    return (
+        f"{source}\n{mask.k:,} of {mask.total:,} entries selected "
+        f"({mask.k / mask.total:.1%}), strategy={mask.metadata.get('strategy', '?')}"
+    )
 
 
 def heatmap_grid(mask: FishMask) -> tuple[list[str], list[str], np.ndarray]:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
+from hub_cache import cache_file
 
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 
@@ -102,16 +103,25 @@ def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, al
 def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
     fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl
 ):
+    """The mask comes from the Hub (`hf://`), resolved offline from a Hub cache folder."""
     out, _ = fish_run
+    hub = tmp_path / "hub"
+    cache_file(
+        hub,
+        "fish-org/tiny-fish",
+        f"run-1/{MASK_FILENAME}",
+        (out / MASK_FILENAME).read_bytes(),
+        "v1",
+    )
     config = write_config(
         tmp_path,
         tiny_llama_dir,
         alpaca_jsonl,
         **FISH,
         max_steps=2,
-        fish_mask={"keep_ratio": 0.5, "mask_path": str(out / MASK_FILENAME)},
+        fish_mask={"keep_ratio": 0.5, "mask_path": "hf://fish-org/tiny-fish@v1/run-1"},
     )
-    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    log = run_axolotl_train(config, cwd=tmp_path, env={"HF_HUB_CACHE": str(hub)}).stdout
     assert "no Fisher pass" in log and "fish_mask: scoring" not in log
     reused = FishMask.load(tmp_path / "out")
     original = FishMask.load(out)

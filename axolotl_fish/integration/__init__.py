@@ -16,6 +16,8 @@ from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.mask_source import load_mask
+from axolotl_fish.model_card import add_card_section_on_create
 from axolotl_fish.provenance import check_mask_fits
 from axolotl_fish.summary import summarize
 
@@ -86,6 +88,7 @@ class FishMaskPlugin(BasePlugin):
                 main_process_only=False,
             )
         trainer.add_callback(callback)
+        add_card_section_on_create(trainer, mask)  # the README.md Axolotl has the Trainer write
         self._mask = mask if trainer.is_world_process_zero() else None
 
     def post_train_unload(self, cfg: DictDefault) -> None:
@@ -163,9 +166,10 @@ def _mask_path(config: FishMaskConfig) -> str | None:
 
 
 def _load_mask(source: Path | str, config: FishMaskConfig) -> FishMask:
-    """Read a saved mask; an unreadable `mask_path` names the config key that pointed at it."""
+    """Read a saved mask (a local file or folder, or `hf://` Hub reference); an unreadable
+    `mask_path` names the config key that pointed at it."""
     try:
-        return FishMask.load(source)
+        return load_mask(source)
     except (FileNotFoundError, ValueError) as err:
         if str(source) != config.mask_path:
             raise

@@ -1,0 +1,132 @@
+"""The end of `make demo`: what the adapter changed, and where its mask went.
+
+After `axolotl train CONFIG` it scores held-out rows with the base model and with the trained
+adapter (`output_dir`), prints both accuracies, and writes the mask's heatmap as a PNG beside the
+adapter. A row is classified by label log-likelihood: the prompt is built by Axolotl's own alpaca
+prompter (as in training), each label (plus EOS) is appended, and the label whose tokens the
+model finds most likely is the prediction; nothing is generated or parsed.
+
+    python -m axolotl_fish.integration.demo_report CONFIG --test TEST.jsonl [--rows 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from axolotl_fish.heatmap import HEATMAP_FILENAME, heatmap_title, save_heatmap
+from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+
+
+def label_logprobs(
+    model: nn.Module,
+    prompts: list[list[int]],
+    labels: list[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    desc: str = "scoring",
+) -> torch.Tensor:
+    """[prompts, labels]: the summed log-probability of each label's tokens after each prompt.
+
+    Every (prompt, label) pair is one right-padded sequence, so padding never shifts a position.
+    """
+    pairs = [(p, i) for p in range(len(prompts)) for i in range(len(labels))]
+    out = torch.empty(len(prompts), len(labels))
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
+        chunk = pairs[start : start + batch_size]
+        rows = [prompts[p] + labels[i] for p, i in chunk]
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+        attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+        logprobs = logits.float().log_softmax(-1)
+        for row, (p, i) in enumerate(chunk):
+            first = len(prompts[p])  # the label's first token, predicted at position first - 1
+            targets = torch.tensor(labels[i])
+            predicted = logprobs[row, first - 1 : first - 1 + len(targets)]
+            out[p, i] = predicted.gather(-1, targets[:, None]).sum()
+    return out
+
+
+def read_rows(path: Path, n_rows: int) -> list[dict[str, str]]:
+    """The first `n_rows` alpaca rows (`instruction`, `input`, `output`) of a JSON-lines file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} holds no rows.")
+    return rows[:n_rows]
+
+
+class HeldOutAccuracy:
+    """Accuracy of a model on alpaca rows whose `output` is one of a few labels."""
+
+    def __init__(self, tokenizer_dir: Path, rows: list[dict[str, str]]) -> None:
+        from axolotl.prompters import AlpacaPrompter
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        prompter = AlpacaPrompter()
+        self.labels = sorted({row["output"] for row in rows})
+        self.gold = torch.tensor([self.labels.index(row["output"]) for row in rows])
+        self.prompts = [
+            tokenizer(next(prompter.build_prompt(row["instruction"], row["input"])))["input_ids"]
+            for row in rows
+        ]
+        eos = [tokenizer.eos_token_id]
+        self.label_ids = [
+            tokenizer(label, add_special_tokens=False)["input_ids"] + eos for label in self.labels
+        ]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    def __call__(self, model: nn.Module, desc: str) -> float:
+        scores = label_logprobs(model.eval(), self.prompts, self.label_ids, self.pad_id, desc=desc)
+        return float((scores.argmax(dim=1) == self.gold).float().mean())
+
+
+def report(config_path: Path, test_path: Path, n_rows: int) -> str:
+    """Accuracy of the base model and of the adapter in the config's `output_dir`, and the
+    heatmap PNG written there; returns the lines to print."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = yaml.safe_load(config_path.read_text())
+    base_model, output_dir = Path(cfg["base_model"]), Path(cfg["output_dir"])
+    rows = read_rows(test_path, n_rows)
+    accuracy = HeldOutAccuracy(base_model, rows)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    base = accuracy(model, "base model")
+    trained = accuracy(PeftModel.from_pretrained(model, output_dir), "trained adapter")
+    mask = FishMask.load(output_dir / MASK_FILENAME)
+    png = save_heatmap(mask, output_dir / HEATMAP_FILENAME, heatmap_title(mask, str(output_dir)))
+    labels = sorted(Counter(row["output"] for row in rows).items())
+    counts = ", ".join(f"{n} {label}" for label, n in labels)
+    return "\n".join(
+        [
+            f"Held-out accuracy on {len(rows)} reviews of {test_path} ({counts}), by label "
+            f"log-likelihood:",
+            f"  base model       {base:.1%}   ({base_model})",
+            f"  trained adapter  {trained:.1%}   ({output_dir}: {mask.k:,} of {mask.total:,} "
+            f"adapter entries trained)",
+            f"Mask heatmap (layers down, module types across, colour = fraction selected): {png}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="the Axolotl config that was trained")
+    parser.add_argument("--test", type=Path, required=True, help="held-out alpaca JSON lines")
+    parser.add_argument("--rows", type=int, default=300, help="how many held-out rows to score")
+    args = parser.parse_args(argv)
+    print(report(args.config, args.test, args.rows))
+
+
+if __name__ == "__main__":
+    main()
