@@ -29,8 +29,13 @@ $(CACHE)/.assets: $(VENV)/.installed
 	$(BIN)/python -m axolotl_fish.offline_assets --cache $(CACHE)
 	touch $@
 
+# Train (about 5 minutes on 2 idle cores), then compare the adapter with the base model on 300
+# held-out reviews and draw the mask as a PNG beside the adapter.
+DEMO_CONFIG := example_configs/smollm2_sentiment_fish.yaml
 demo: $(CACHE)/.assets
-	$(BIN)/axolotl train example_configs/smollm2_sentiment_fish.yaml
+	$(BIN)/axolotl train $(DEMO_CONFIG)
+	$(BIN)/python -m axolotl_fish.integration.demo_report $(DEMO_CONFIG) \
+		--test $(CACHE)/sentiment/test.jsonl --rows 300
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -2,9 +2,11 @@
 
 After `axolotl train CONFIG` it scores held-out rows with the base model and with the trained
 adapter (`output_dir`), prints both accuracies, and writes the mask's heatmap as a PNG beside the
-adapter. A row is classified by label log-likelihood: the prompt is built by Axolotl's own alpaca
-prompter (as in training), each label (plus EOS) is appended, and the label whose tokens the
-model finds most likely is the prediction; nothing is generated or parsed.
+adapter. A row is classified by the next token after its prompt: the prompt is built by Axolotl's
+own alpaca prompter (as in training), and the label whose (first) token the model finds more
+likely right after it is the prediction; nothing is generated or parsed. The prompts' common
+beginning (the alpaca template and the instruction) is run once and its key/value cache reused,
+so each row costs a forward over its own review only.
 
     python -m axolotl_fish.integration.demo_report CONFIG --test TEST.jsonl [--rows 300]
 """
@@ -12,6 +14,7 @@ model finds most likely is the prediction; nothing is generated or parsed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,35 +28,50 @@ from axolotl_fish.heatmap import HEATMAP_FILENAME, heatmap_title, save_heatmap
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 
 
-def label_logprobs(
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest list every sequence starts with."""
+    length = 0
+    for column in zip(*sequences, strict=False):
+        if len(set(column)) > 1:
+            break
+        length += 1
+    return sequences[0][:length]
+
+
+@torch.no_grad()
+def next_token_logprobs(
     model: nn.Module,
     prompts: list[list[int]],
-    labels: list[list[int]],
+    tokens: list[int],
     pad_id: int,
     batch_size: int = 16,
     desc: str = "scoring",
 ) -> torch.Tensor:
-    """[prompts, labels]: the summed log-probability of each label's tokens after each prompt.
-
-    Every (prompt, label) pair is one right-padded sequence, so padding never shifts a position.
-    """
-    pairs = [(p, i) for p in range(len(prompts)) for i in range(len(labels))]
-    out = torch.empty(len(prompts), len(labels))
-    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
-        chunk = pairs[start : start + batch_size]
-        rows = [prompts[p] + labels[i] for p, i in chunk]
-        width = max(len(row) for row in rows)
-        input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
-        attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention).logits
-        logprobs = logits.float().log_softmax(-1)
-        for row, (p, i) in enumerate(chunk):
-            first = len(prompts[p])  # the label's first token, predicted at position first - 1
-            targets = torch.tensor(labels[i])
-            predicted = logprobs[row, first - 1 : first - 1 + len(targets)]
-            out[p, i] = predicted.gather(-1, targets[:, None]).sum()
-    return out
+    """[prompts, tokens]: log-probability of each of `tokens` right after each prompt."""
+    shared = common_prefix(prompts)[: min(len(p) for p in prompts) - 1]  # each keeps a token
+    prefix = (
+        model(input_ids=torch.tensor([shared]), use_cache=True).past_key_values if shared else None
+    )
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        rests = [p[len(shared) :] for p in prompts[start : start + batch_size]]
+        width = max(len(rest) for rest in rests)
+        input_ids = torch.tensor([rest + [pad_id] * (width - len(rest)) for rest in rests])
+        attention = torch.tensor([[1] * len(rest) + [0] * (width - len(rest)) for rest in rests])
+        cache = copy.deepcopy(prefix)
+        if cache is not None:
+            cache.batch_repeat_interleave(len(rests))
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=torch.cat(
+                [torch.ones(len(rests), len(shared), dtype=torch.long), attention], 1
+            ),
+            position_ids=len(shared) + torch.arange(width).expand(len(rests), -1),
+            past_key_values=cache,
+        ).logits
+        last = logits[torch.arange(len(rests)), attention.sum(1) - 1].float()
+        out.append(last.log_softmax(-1)[:, tokens])
+    return torch.cat(out)
 
 
 def read_rows(path: Path, n_rows: int) -> list[dict[str, str]]:
@@ -65,7 +83,8 @@ def read_rows(path: Path, n_rows: int) -> list[dict[str, str]]:
 
 
 class HeldOutAccuracy:
-    """Accuracy of a model on alpaca rows whose `output` is one of a few labels."""
+    """Accuracy of a model on alpaca rows whose `output` is one of a few labels, each starting
+    with its own token."""
 
     def __init__(self, tokenizer_dir: Path, rows: list[dict[str, str]]) -> None:
         from axolotl.prompters import AlpacaPrompter
@@ -79,14 +98,18 @@ class HeldOutAccuracy:
             tokenizer(next(prompter.build_prompt(row["instruction"], row["input"])))["input_ids"]
             for row in rows
         ]
-        eos = [tokenizer.eos_token_id]
-        self.label_ids = [
-            tokenizer(label, add_special_tokens=False)["input_ids"] + eos for label in self.labels
+        self.tokens = [
+            tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in self.labels
         ]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        if len(set(self.tokens)) < len(self.tokens):
+            raise ValueError(f"The labels {self.labels} do not all start with different tokens.")
+        eos = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
     def __call__(self, model: nn.Module, desc: str) -> float:
-        scores = label_logprobs(model.eval(), self.prompts, self.label_ids, self.pad_id, desc=desc)
+        scores = next_token_logprobs(
+            model.eval(), self.prompts, self.tokens, self.pad_id, desc=desc
+        )
         return float((scores.argmax(dim=1) == self.gold).float().mean())
 
 
@@ -109,8 +132,8 @@ def report(config_path: Path, test_path: Path, n_rows: int) -> str:
     counts = ", ".join(f"{n} {label}" for label, n in labels)
     return "\n".join(
         [
-            f"Held-out accuracy on {len(rows)} reviews of {test_path} ({counts}), by label "
-            f"log-likelihood:",
+            f"Held-out accuracy on {len(rows)} reviews of {test_path} ({counts}); the "
+            f"prediction is the more likely label token after the prompt:",
             f"  base model       {base:.1%}   ({base_model})",
             f"  trained adapter  {trained:.1%}   ({output_dir}: {mask.k:,} of {mask.total:,} "
             f"adapter entries trained)",
