@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from axolotl_fish.atomic import save_safetensors_atomically
 
 MASK_FILENAME = "fish_mask.safetensors"
 
@@ -47,15 +49,7 @@ class FishMask:
             for key, mask in self.masks.items()
         }
         metadata = {key: json.dumps(value) for key, value in self.metadata.items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_safetensors_atomically(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FishMask:
