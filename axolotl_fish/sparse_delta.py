@@ -99,7 +99,7 @@ class SparseDelta:
                 f"and {len(other) - 1} more): this delta is for "
                 f"{self.metadata.get('base_model')!r}."
             )
-        weights = {key: tensor.to(getattr(torch, dtypes[key])) for key, tensor in base.items()}
+        weights = {key: t.to(getattr(torch, dtypes[key]), copy=True) for key, t in base.items()}
         if weights_digest(weights) != self.metadata["base_sha256"]:
             raise ValueError(
                 f"The base model's weights are not those the delta was made on (SHA-256 differs): "
