@@ -13,7 +13,6 @@ temporary file renamed into place.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -22,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from axolotl_fish.adapter_tensors import saved_state
-from axolotl_fish.atomic import save_safetensors_atomically
+from axolotl_fish.safetensors_io import json_metadata, read, resolve, save_atomically
 
 DELTA_FILENAME = "fish_delta.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt")
@@ -58,28 +56,15 @@ class SparseDelta:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically to `path` (a file, or a folder that gets `fish_delta.safetensors`)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / DELTA_FILENAME
         tensors = self._tensors()
         metadata = self.metadata | {"delta_sha256": weights_digest(tensors)}
-        encoded = {key: json.dumps(value) for key, value in metadata.items()}
-        return save_safetensors_atomically(tensors, path, encoded)
+        return save_atomically(tensors, resolve(path, DELTA_FILENAME), json_metadata(metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SparseDelta:
         """Read a delta (or a folder holding one); a damaged file fails its checksum."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / DELTA_FILENAME
-        if not path.is_file():
-            raise FileNotFoundError(f"No FISH delta file at {path}.")
-        try:
-            tensors = load_file(path)
-            with safe_open(path, framework="pt") as handle:
-                metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
-        except (SafetensorError, ValueError, OSError) as err:
-            raise ValueError(f"{path} is not a readable safetensors delta file: {err}") from err
+        path = resolve(path, DELTA_FILENAME)
+        tensors, metadata = read(path, "delta")
         if metadata.pop("delta_sha256", None) != weights_digest(tensors):
             raise ValueError(f"{path} fails its checksum (delta_sha256): the file is damaged.")
         values = {k.removesuffix(".values"): t for k, t in tensors.items() if k.endswith(".values")}
@@ -135,7 +120,7 @@ def apply_delta(base_folder: Path, delta_path: Path, out_folder: Path) -> Path:
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(item, out_folder / item.name)
     weights = {key: tensor.contiguous() for key, tensor in weights.items()}
-    return save_safetensors_atomically(weights, out_folder / "model.safetensors", {"format": "pt"})
+    return save_atomically(weights, out_folder / "model.safetensors", {"format": "pt"})
 
 
 class DeltaRecorder:

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from axolotl_fish.masking import partly_selected
+
 VALUES_SUFFIX = "_fish_values"
 
 
@@ -104,12 +106,8 @@ class SparseTraining:
     ) -> None:
         self.tensors: list[_SparseTensor] = []
         self._handles: list[RemovableHandle] = []
-        for key, param in params.items():
-            mask = masks[key]
-            if not mask.any():
-                param.requires_grad_(False)
-            elif not mask.all():
-                self.tensors.append(_SparseTensor(key, param, mask, model))
+        for key, param in partly_selected(params, masks).items():
+            self.tensors.append(_SparseTensor(key, param, masks[key], model))
         for tensor in self.tensors:
             tensor.home.register_parameter(tensor.values_name, tensor.values)
             for owner in tensor.owners:
