@@ -17,6 +17,7 @@ from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.provenance import check_mask_fits
+from axolotl_fish.sparse_delta import DELTA_FILENAME
 from axolotl_fish.summary import summarize
 
 LOG = get_logger(__name__)
@@ -95,8 +96,14 @@ class FishMaskPlugin(BasePlugin):
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
+            delta = ""
+            if cfg.adapter is None:
+                delta = (
+                    f", sparse delta in {Path(cfg.output_dir) / DELTA_FILENAME} (rebuild the "
+                    f"model with `axolotl fish-mask apply {cfg.base_model} DELTA OUT_DIR`)"
+                )
             LOG.info(
-                f"fish_mask: weights in {cfg.output_dir}, mask in {path}\n{summarize(mask)}",
+                f"fish_mask: weights in {cfg.output_dir}, mask in {path}{delta}\n{summarize(mask)}",
                 main_process_only=False,
             )
 
