@@ -16,11 +16,16 @@ from torch import nn
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every trainable tensor, keyed by its name in the saved adapter (PEFT model) or in the
     saved model (any other model: full-parameter mode)."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
+    if is_adapter_model(model):
         return adapter_parameters(model)
     return model_parameters(model)
+
+
+def is_adapter_model(model: nn.Module) -> bool:
+    """A PEFT model (its adapter is what trains), as opposed to a plain model (full-parameter)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def model_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -30,14 +35,8 @@ def model_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     under the key `save_pretrained` keeps for it (transformers' own rule), so a mask never holds
     two disagreeing masks for one tensor.
     """
-    from transformers import PreTrainedModel
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state = model.state_dict()
-    if isinstance(model, PreTrainedModel):
-        state = remove_tied_weights_from_state_dict(state, model)
     saved_key: dict[int, str] = {}
-    for key, tensor in state.items():
+    for key, tensor in saved_state(model).items():
         saved_key.setdefault(tensor.data_ptr(), key)
     params = {
         saved_key[param.data_ptr()]: param for param in model.parameters() if param.requires_grad
@@ -45,6 +44,17 @@ def model_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     if not params:
         raise ValueError("The model has no trainable parameters.")
     return params
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` writes into `model.safetensors` (a tied tensor once)."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    if isinstance(model, PreTrainedModel):
+        state = remove_tied_weights_from_state_dict(state, model)
+    return state
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:

@@ -15,19 +15,28 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from axolotl_fish.adapter_tensors import is_adapter_model, trainable_parameters
 from axolotl_fish.candidates import governed_by
-from axolotl_fish.distributed import check_identical_across_ranks
+from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
+from axolotl_fish.sparse_delta import DeltaRecorder
+from axolotl_fish.sparse_training import SparseTraining
 
 
 class FishMaskCallback(TrainerCallback):
-    """Freezes unselected entries and writes the mask into `output_dir` when training starts (where
-    the final adapter goes) and into every checkpoint.
+    """Trains only the selected entries and writes the mask into `output_dir` when training starts
+    (where the final weights go) and into every checkpoint.
 
-    Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
-    here, before the optimizer is built. Under torch.distributed it first checks that every
-    rank holds the same mask (`digest`: its SHA-256).
+    With a PEFT adapter, unselected entries get a zero gradient and are put back after every
+    step (`GradientMask`). Without one (full-parameter mode), partly selected weights are frozen
+    and only their selected values train (`SparseTraining`: O(k) gradient and optimizer state);
+    `fish_delta.safetensors` (the changed entries, see `sparse_delta`) is then written into every
+    checkpoint and, when training ends, into `output_dir`.
+
+    Construct it before `trainer.train()`, while the model holds its initial weights: tensors
+    with no selected entry stop requiring gradients here, before the optimizer is built. Under
+    torch.distributed it first checks that every rank holds the same mask (`digest`: its SHA-256).
     """
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
@@ -35,13 +44,24 @@ class FishMaskCallback(TrainerCallback):
         mask.check_matches(params)
         self.digest = check_identical_across_ranks(mask.masks)
         self.mask = mask
-        self.gradient_mask = GradientMask(params, mask.masks)
+        self.delta: DeltaRecorder | None = None
+        if is_adapter_model(model):
+            gradient_mask = GradientMask(params, mask.masks)
+            self._begin, self._step = gradient_mask.snapshot, gradient_mask.restore
+            self._end = gradient_mask.remove
+        else:
+            changed = trainable_parameters(model)
+            self.delta = DeltaRecorder(
+                model, changed, mask.masks, record_base=rank_and_world()[0] == 0
+            )
+            sparse = SparseTraining(model, params, mask.masks)
+            self._begin, self._step, self._end = sparse.read_back, sparse.after_step, sparse.remove
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        # After a resume the checkpoint's weights are loaded by now; frozen entries keep those.
-        self.gradient_mask.snapshot()
+        # After a resume the checkpoint's weights are loaded by now; training continues from them.
+        self._begin()
         # Written before the first step, so a run killed before its checkpoint's mask is written
         # (the Trainer calls on_save only after the checkpoint is complete) can resume with it.
         if state.is_world_process_zero:
@@ -51,13 +71,13 @@ class FishMaskCallback(TrainerCallback):
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        self.gradient_mask.restore()
+        self._step()
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         if state.is_world_process_zero:
-            self.mask.save(_checkpoint_dir(args, state))
+            self._save_into(_checkpoint_dir(args, state))
 
     def on_push_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -67,12 +87,21 @@ class FishMaskCallback(TrainerCallback):
         # every push uploads, has had its mask since training began.
         checkpoint = _checkpoint_dir(args, state)
         if state.is_world_process_zero and os.path.isdir(checkpoint):
-            self.mask.save(checkpoint)
+            self._save_into(checkpoint)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        self.gradient_mask.remove()
+        self._end()
+        if self.delta is not None and state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.delta.delta().save(args.output_dir)
+
+    def _save_into(self, folder: str) -> None:
+        """The mask and, in full-parameter mode, the sparse delta, into a checkpoint folder."""
+        self.mask.save(folder)
+        if self.delta is not None:
+            self.delta.delta().save(folder)
 
 
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:

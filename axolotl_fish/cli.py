@@ -21,7 +21,7 @@ def _load(source: str) -> FishMask:
 
 @click.group(name="fish-mask")
 def fish_mask() -> None:
-    """FISH masks: compute one from a config, inspect one, compare two."""
+    """FISH masks: compute one from a config, inspect one, compare two; apply a sparse delta."""
 
 
 @fish_mask.command()
@@ -89,3 +89,20 @@ def diff(mask_a: str, mask_b: str) -> None:
     except ValueError as err:
         message = f"{mask_a} and {mask_b} do not cover the same tensors: {err}"
         raise click.ClickException(message) from err
+
+
+@fish_mask.command()
+@click.argument("base_model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("delta", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def apply(base_model: Path, delta: Path, out_dir: Path) -> None:
+    """Rebuild a full-parameter FISH model: BASE_MODEL's folder with DELTA (a
+    fish_delta.safetensors, or a folder holding one) applied, written to OUT_DIR. Refuses a
+    delta made on another base model."""
+    from axolotl_fish.sparse_delta import apply_delta
+
+    try:
+        path = apply_delta(base_model, delta, out_dir)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{path} written: {base_model} with the delta {delta} applied")

@@ -1,19 +1,19 @@
-"""Diagonal empirical Fisher information of adapter entries.
+"""Diagonal empirical Fisher information of candidate entries (adapter or model weights).
 
 F_i = mean over examples n of (d loss_n / d theta_i)^2, where loss_n is example n's own mean
 next-token loss over its label tokens (what a batch-size-1 run minimises). Squares are taken per
 example, never of a batch gradient, and accumulated in fp32.
 
 Two paths compute the same numbers:
-- Batched path (one forward and one backward per micro-batch): LoRA `nn.Linear` factors
-  (lora_A / lora_B of plain LoRA layers, Conv1D-based models included: their factors are
-  `nn.Linear`) and lora_embedding_A / lora_embedding_B of plain LoRA embedding layers. A linear
-  factor's per-example weight gradient is sum_t g_t x_t^T, formed from its recorded inputs x and
-  output gradients g; embedding factors are formed from the token ids and the layer's output
-  gradient.
-- Generic path: every other trainable tensor (DoRA magnitudes and DoRA-coupled factors,
-  modules_to_save copies, biases outside LoRA factors, a full model's own weights in
-  full-parameter mode): one forward and backward per example, gradients of that example only.
+- Batched path (one forward and one backward per micro-batch, no weight gradient): every tensor
+  a rule of `fisher_rules` claims - any plain `nn.Linear` / `Conv1D` (LoRA factors of plain LoRA
+  layers, a full model's projections and head, other adapters' linear layers), embeddings (a
+  model's own, tied ones with both uses, LoRA embedding factors) and normalisation weights. A
+  linear layer's per-example weight gradient is sum_t g_t x_t^T, formed from its recorded inputs
+  x and output gradients g; embeddings from the token ids and the output gradient.
+- Generic path: every other trainable tensor (DoRA magnitudes and DoRA-coupled factors, layers
+  with their own forward, tensors shared between modules): one forward and backward per example,
+  gradients of that example only.
 
 `empirical` Fisher uses the data's labels (the paper); `sampled` Fisher replaces each label token
 by a draw from the model's own predictive distribution (the true Fisher). A draw depends only on
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -35,12 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from axolotl_fish.distributed import rank_and_world, share_of, sum_over_ranks
+from axolotl_fish.fisher_rules import Call, claim_rules
 from axolotl_fish.rng import preserved_rng_state
 
 LOG = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-# Largest per-example gradient block (elements) materialised at once on the batched path.
-_BLOCK_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -113,7 +112,7 @@ def fisher_scores(
     the scores are summed over ranks, so every rank ends with the same scores.
     """
     start = time.perf_counter()
-    taps = _FactorTaps(model, params if batched else {})
+    taps = _RuleTaps(model, params if batched else {})
     rowwise = {key: p for key, p in params.items() if key not in taps.covered}
     scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
     device = next(iter(params.values())).device
@@ -131,9 +130,9 @@ def fisher_scores(
                 rows = batch["input_ids"].shape[0]
                 if rows == 0:
                     continue
-                if taps.covered:
+                if taps.rules:
                     forward = partial(_example_losses, model, batch, seen, sampled_labels_seed)
-                    taps.accumulate(forward, scores)
+                    rowwise |= taps.accumulate(forward, scores)
                 if rowwise:
                     _accumulate_rowwise(model, batch, seen, sampled_labels_seed, rowwise, scores)
                 seen += rows
@@ -223,74 +222,21 @@ def _accumulate_rowwise(
                 scores[key].add_(grad.float().square())
 
 
-class _LinearFactor:
-    """A plain-LoRA `nn.Linear` factor: per-example weight gradient sum_t g_t x_t^T."""
-
-    def __init__(self, weight_key: str, bias_key: str | None) -> None:
-        self.keys = (weight_key,) if bias_key is None else (weight_key, bias_key)
-
-    def add(self, calls: list[tuple[torch.Tensor, torch.Tensor]], scores: dict) -> None:
-        rows = calls[0][0].shape[0]
-        x = torch.cat([x.reshape(rows, -1, x.shape[-1]) for x, _ in calls], dim=1).float()
-        g = torch.cat([g.reshape(rows, -1, g.shape[-1]) for _, g in calls], dim=1).float()
-        scores[self.keys[0]].add_(_sum_of_squared_outer(g, x))
-        if len(self.keys) == 2:
-            scores[self.keys[1]].add_(g.sum(dim=1).square().sum(dim=0))
-
-
-class _EmbeddingFactors:
-    """lora_embedding_A (r x V) and lora_embedding_B (out x r) of a plain-LoRA Embedding layer,
-    from the layer's token ids and output gradient g: with c = scaling * embed_scale,
-    dB = c * sum_t g_t a_t^T (a_t = A[:, id_t]) and dA[:, v] = c * sum_{t: id_t = v} B^T g_t."""
-
-    def __init__(self, layer: nn.Module, adapter: str, a_key: str, b_key: str) -> None:
-        self.layer, self.adapter = layer, adapter
-        self.keys = (a_key, b_key)
-
-    def add(self, calls: list[tuple[torch.Tensor, torch.Tensor]], scores: dict) -> None:
-        layer, adapter = self.layer, self.adapter
-        a = layer.lora_embedding_A[adapter].detach().float()
-        b = layer.lora_embedding_B[adapter].detach().float()
-        scale = layer.scaling[adapter]
-        embed_scale = layer._get_embed_scale()
-        if embed_scale is not None:
-            scale = scale * embed_scale.float()
-        rows = calls[0][0].shape[0]
-        ids = torch.cat([ids.reshape(rows, -1) for ids, _ in calls], dim=1)
-        g = torch.cat([g.reshape(rows, -1, g.shape[-1]) for _, g in calls], dim=1).float() * scale
-        scores[self.keys[1]].add_(_sum_of_squared_outer(g, F.embedding(ids, a.T)))
-        grad_after_a = g @ b  # (N, T, r)
-        padding_idx = layer.get_base_layer().padding_idx
-        if padding_idx is not None:  # F.embedding gives the padding row no gradient
-            grad_after_a = grad_after_a.masked_fill((ids == padding_idx).unsqueeze(-1), 0.0)
-        vocab, rank = a.shape[1], a.shape[0]
-        block = max(1, _BLOCK_ELEMENTS // (vocab * rank))
-        total = torch.zeros(vocab, rank, device=g.device)
-        for start in range(0, rows, block):
-            chunk = grad_after_a[start : start + block]
-            index = ids[start : start + block].unsqueeze(-1).expand_as(chunk)
-            per_example = torch.zeros(chunk.shape[0], vocab, rank, device=g.device)
-            total.add_(per_example.scatter_add_(1, index, chunk).square().sum(dim=0))
-        scores[self.keys[0]].add_(total.T)
-
-
-class _FactorTaps:
-    """Forward hooks that record each call's input and output for the batched path.
-
-    A tensor qualifies only when it is used solely through the recorded forward: LoRA layers
-    with a variant (DoRA reuses lora_B @ lora_A to normalise the weight) and embedding layers
-    with special lookups are left to the generic path, as is anything else.
-    """
+class _RuleTaps:
+    """Forward hooks that record each call's input and output on the modules of the batched
+    rules (`fisher_rules`), for one backward that needs no weight gradient."""
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
-        key_of = {id(p): key for key, p in params.items()}
-        self.rules: dict[nn.Module, _LinearFactor | _EmbeddingFactors] = {}
-        for module, rule in _batched_rules(model, key_of):
-            self.rules[module] = rule
-        self.covered = {key for rule in self.rules.values() for key in rule.keys}
+        self.rules = claim_rules(model, params) if params else []
+        self.params = params
         self._calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._recording = False
-        self._handles = [m.register_forward_hook(self._record) for m in self.rules]
+        modules = {module for rule in self.rules for module in rule.modules}
+        self._handles = [module.register_forward_hook(self._record) for module in modules]
+
+    @property
+    def covered(self) -> set[str]:
+        return {key for rule in self.rules for key in rule.keys}
 
     def _record(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -300,72 +246,37 @@ class _FactorTaps:
 
     def accumulate(
         self, forward: Callable[[], torch.Tensor], scores: dict[str, torch.Tensor]
-    ) -> None:
+    ) -> dict[str, nn.Parameter]:
         """Run `forward` (returning per-row losses) recording the calls, backpropagate once,
-        and add every row's squared gradients to `scores`."""
+        and add every row's squared gradients to `scores`. Rules whose calls turn out not to be
+        per example are dropped; their tensors are returned, for the generic path."""
         self._recording = True
         try:
             loss = forward()
-            calls = [(m, x, out) for m, pairs in self._calls.items() for x, out in pairs]
+            recorded = [(m, x, out) for m, pairs in self._calls.items() for x, out in pairs]
             # Gradients w.r.t. the recorded outputs only: backward skips every weight gradient.
-            grads = torch.autograd.grad(loss.sum(), [out for _, _, out in calls], allow_unused=True)
+            grads = torch.autograd.grad(
+                loss.sum(), [out for _, _, out in recorded], allow_unused=True
+            )
         finally:
             self._recording = False
             self._calls.clear()
-        per_module: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for (module, x, _), grad in zip(calls, grads, strict=True):
+        calls: dict[nn.Module, list[Call]] = defaultdict(list)
+        for (module, x, out), grad in zip(recorded, grads, strict=True):
             if grad is not None:
-                per_module[module].append((x, grad))
-        # A module called several times in one forward: its per-example gradient is the sum.
-        for module, pairs in per_module.items():
-            self.rules[module].add(pairs, scores)
+                calls[module].append(Call(x, out.detach(), grad))
+        rows = loss.shape[0]
+        dropped: dict[str, nn.Parameter] = {}
+        for rule in list(self.rules):
+            rule_calls = {module: calls[module] for module in rule.modules}
+            if not rule.per_example(rule_calls, rows):
+                LOG.info(f"Fisher pass: {rule.keys} are not used per example; generic path")
+                self.rules.remove(rule)
+                dropped |= {key: self.params[key] for key in rule.keys}
+            elif any(rule_calls.values()):
+                rule.add(rule_calls, scores)
+        return dropped
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def _sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_n (g_n^T x_n)^2 for g: (N, T, O), x: (N, T, I), in blocks of bounded memory."""
-    rows, _, out_features = g.shape
-    block = max(1, _BLOCK_ELEMENTS // (out_features * x.shape[-1]))
-    total = torch.zeros(out_features, x.shape[-1], device=x.device)
-    for start in range(0, rows, block):
-        per_example = torch.bmm(g[start : start + block].transpose(1, 2), x[start : start + block])
-        total.add_(per_example.square().sum(dim=0))
-    return total
-
-
-def _batched_rules(
-    model: nn.Module, key_of: Mapping[int, str]
-) -> Iterator[tuple[nn.Module, _LinearFactor | _EmbeddingFactors]]:
-    """(module to hook, rule) for every adapter tensor the batched path computes exactly."""
-    from peft.tuners.lora import Embedding, LoraLayer
-
-    for layer in model.modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        plain = [a for a in layer.lora_A if a not in layer.lora_variant]
-        for adapter in plain:
-            for factor in (layer.lora_A[adapter], layer.lora_B[adapter]):
-                if isinstance(factor, nn.Linear) and id(factor.weight) in key_of:
-                    bias = factor.bias
-                    yield factor, _LinearFactor(key_of[id(factor.weight)], key_of.get(id(bias)))
-        if isinstance(layer, Embedding) and _plain_lookup(layer):
-            for adapter, a in layer.lora_embedding_A.items():
-                b = layer.lora_embedding_B[adapter]
-                if adapter not in layer.lora_variant and id(a) in key_of and id(b) in key_of:
-                    yield layer, _EmbeddingFactors(layer, adapter, key_of[id(a)], key_of[id(b)])
-
-
-def _plain_lookup(layer: nn.Module) -> bool:
-    """An embedding whose LoRA lookup is a plain F.embedding (no max_norm, no frequency scaling,
-    no tensor-parallel input/output functions) and that holds one embedding adapter."""
-    base = layer.get_base_layer()
-    return (
-        base.max_norm is None
-        and not base.scale_grad_by_freq
-        and not getattr(layer, "input_fns", {})
-        and not getattr(layer, "output_fns", {})
-        and len(layer.lora_embedding_A) == 1
-    )

@@ -8,7 +8,6 @@ partial mask and rewriting the same mask is harmless.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+
+from axolotl_fish.safetensors_io import json_metadata, read, resolve, save_atomically
 
 MASK_FILENAME = "fish_mask.safetensors"
 
@@ -39,42 +38,18 @@ class FishMask:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically to `path` (a file, or a folder that gets `fish_mask.safetensors`)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / MASK_FILENAME
+        path = resolve(path, MASK_FILENAME)
         tensors = {
             key: mask.detach().to("cpu", torch.bool).contiguous()
             for key, mask in self.masks.items()
         }
-        metadata = {key: json.dumps(value) for key, value in self.metadata.items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_atomically(tensors, path, json_metadata(self.metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FishMask:
         """Read a mask file (or a folder holding one), with errors that name the file."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / MASK_FILENAME
-        if not path.is_file():
-            raise FileNotFoundError(f"No FISH mask file at {path}.")
-        try:
-            tensors = load_file(path)
-            with safe_open(path, framework="pt") as handle:
-                raw = handle.metadata() or {}
-            metadata = {key: json.loads(value) for key, value in raw.items()}
-        except (SafetensorError, ValueError, OSError) as err:
-            raise ValueError(
-                f"{path} is not a readable safetensors mask file (masks are never read with "
-                f"pickle): {err}"
-            ) from err
+        path = resolve(path, MASK_FILENAME)
+        tensors, metadata = read(path, "mask")
         for key, tensor in tensors.items():
             if tensor.dtype not in (torch.bool, torch.uint8):
                 raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected bool.")

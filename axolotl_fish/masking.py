@@ -23,16 +23,10 @@ class GradientMask:
         self._partial: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
         self._initial: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
-        for key, param in params.items():
-            mask = masks[key]
-            if not mask.any():
-                param.requires_grad_(False)
-            elif not mask.all():
-                frozen = ~mask.to(device=param.device, dtype=torch.bool)
-                self._partial[key] = (param, frozen)
-                self._handles.append(
-                    param.register_post_accumulate_grad_hook(_zero_grad_at(frozen))
-                )
+        for key, param in partly_selected(params, masks).items():
+            frozen = ~masks[key].to(device=param.device, dtype=torch.bool)
+            self._partial[key] = (param, frozen)
+            self._handles.append(param.register_post_accumulate_grad_hook(_zero_grad_at(frozen)))
 
     def snapshot(self) -> None:
         """Record the values the frozen entries must keep (call once training weights are final,
@@ -50,6 +44,20 @@ class GradientMask:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def partly_selected(
+    params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]
+) -> dict[str, nn.Parameter]:
+    """The tensors with some but not all entries selected; tensors with none stop requiring
+    gradients here (so an optimizer built afterwards holds no state for them)."""
+    partly = {}
+    for key, param in params.items():
+        if not masks[key].any():
+            param.requires_grad_(False)
+        elif not masks[key].all():
+            partly[key] = param
+    return partly
 
 
 def _zero_grad_at(frozen: torch.Tensor) -> Callable[[nn.Parameter], None]:

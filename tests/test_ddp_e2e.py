@@ -11,9 +11,11 @@ import re
 import pytest
 import torch
 from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
+from safetensors.torch import load_file
 
 from axolotl_fish.distributed import mask_digest
 from axolotl_fish.mask_file import FishMask
+from axolotl_fish.sparse_delta import SparseDelta
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +90,24 @@ def test_processes_that_would_each_train_alone_are_refused(tmp_path, tiny_llama_
     config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **SETTINGS)
     with pytest.raises(AssertionError, match="2 processes were launched but the Trainer runs 1"):
         run_axolotl_train(config, cwd=tmp_path, cli_args=DDP)
+
+
+def test_full_parameter_mode_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
+    """No adapter, 2 processes: sparse value vectors train under DDP; every saved model keeps the
+    base's masked entries bitwise, and its fish_delta rebuilds it bit for bit."""
+    settings = SETTINGS | {"adapter": None, "fish_mask": {"keep_ratio": 0.05, "num_samples": 8}}
+    config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **settings)
+    log = run_axolotl_train(config, cwd=tmp_path, cli_args=DDP, env=ON_CPU).stdout
+    held = dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", log))
+    assert len(held) == 2 and len(set(held.values())) == 1
+    out = tmp_path / "out"
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    mask = FishMask.load(out)
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
+        saved = load_file(folder / "model.safetensors")
+        for key, keep in mask.masks.items():
+            assert torch.equal(saved[key][~keep], base[key][~keep]), (folder, key)
+        rebuilt = SparseDelta.load(folder).apply(base)
+        assert all(torch.equal(rebuilt[key], saved[key]) for key in saved), folder
+    moved = sum(int((saved[k] != base[k])[m].sum()) for k, m in mask.masks.items())
+    assert moved > 0.5 * mask.k

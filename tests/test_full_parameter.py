@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, defau
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
 from axolotl_fish.adapter_tensors import trainable_parameters
 from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.sparse_delta import SparseDelta
 
 MODEL_FILE = "model.safetensors"
 
@@ -103,7 +104,8 @@ def test_axolotl_full_fine_tune_keeps_masked_weights_of_the_base_model(
     tmp_path, tied_llama_dir, alpaca_jsonl
 ):
     """`axolotl train` without `adapter:`: exact k over every weight, masked entries bitwise equal
-    to the base model's in every saved model.safetensors, under AdamW weight decay."""
+    to the base model's in every saved model.safetensors, under AdamW weight decay; every folder's
+    fish_delta.safetensors rebuilds its model.safetensors bit for bit."""
     config = write_config(
         tmp_path,
         tied_llama_dir,
@@ -128,6 +130,8 @@ def test_axolotl_full_fine_tune_keeps_masked_weights_of_the_base_model(
         assert set(saved) == set(FishMask.load(folder).masks) == set(base)
         for key, keep in mask.masks.items():
             assert torch.equal(saved[key][~keep], base[key][~keep]), (folder, key)
+        rebuilt = SparseDelta.load(folder).apply(base)  # the sparse delta written beside it
+        assert all(torch.equal(rebuilt[key], saved[key]) for key in saved), folder
     moved = sum(int((saved[k] != base[k])[m].sum()) for k, m in mask.masks.items())
     assert moved > 0.5 * mask.k
 

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-import axolotl_fish.mask_file as mask_file
+import axolotl_fish.safetensors_io as safetensors_io
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 
 
@@ -39,7 +39,7 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(mask_file, "save_file", crash)
+    monkeypatch.setattr(safetensors_io, "save_file", crash)  # the writer of masks and deltas
     changed = FishMask(masks={"x": torch.zeros(2).bool()})
     with pytest.raises(OSError, match="disk full"):
         changed.save(tmp_path)

@@ -59,3 +59,37 @@ def test_non_finite_scores_name_the_tensor():
 def test_k_outside_range_is_refused():
     with pytest.raises(ValueError, match="between 1 and"):
         select_top_k({"x": torch.ones(3)}, 4, seed=0)
+
+
+def concatenated_top_k(scores, k, seed):
+    """The previous implementation (one fp32 vector of every score): the masks must not change."""
+    flat = torch.cat([s.float().flatten() for s in scores.values()])
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+    keep = flat > threshold
+    tied = (flat == threshold).nonzero()[:, 0]
+    needed = k - int(keep.sum())
+    generator = torch.Generator().manual_seed(seed)
+    keep[tied[torch.randperm(tied.numel(), generator=generator)[:needed]]] = True
+    sizes = [s.numel() for s in scores.values()]
+    parts = keep.split(sizes)
+    return {key: part.view(s.shape) for (key, s), part in zip(scores.items(), parts, strict=True)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_masks_as_one_concatenated_vector(seed):
+    """Ties, negative scores (`reverse`), -0.0, tiny and huge values, k at both ends."""
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, -0.0, 1e-30, 3e-7, 3e-7, 0.5, 1e20, -2.0, -1e-12])
+    scores = {
+        "a": levels[torch.randint(0, len(levels), (40, 30), generator=generator)],
+        "empty_ties": torch.zeros(7),
+        "b": torch.randn(500, generator=generator) * 1e-6,
+        "c": -torch.rand(3, 4, 5, generator=generator),
+    }
+    total = sum(s.numel() for s in scores.values())
+    for k in (1, 13, 600, 1199, 1200, 1700, total - 1, total):
+        selection = select_top_k(scores, k, seed)
+        expected = concatenated_top_k(scores, k, seed)
+        assert count(selection.masks) == k
+        for key in scores:
+            assert torch.equal(selection.masks[key], expected[key]), (k, key)

@@ -19,6 +19,7 @@ from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.mask_source import load_mask
 from axolotl_fish.model_card import add_card_section_on_create
 from axolotl_fish.provenance import check_mask_fits
+from axolotl_fish.sparse_delta import DELTA_FILENAME
 from axolotl_fish.summary import summarize
 
 LOG = get_logger(__name__)
@@ -98,8 +99,14 @@ class FishMaskPlugin(BasePlugin):
         mask, self._mask = self._mask, None
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
+            delta = ""
+            if cfg.adapter is None:
+                delta = (
+                    f", sparse delta in {Path(cfg.output_dir) / DELTA_FILENAME} (rebuild the "
+                    f"model with `axolotl fish-mask apply {cfg.base_model} DELTA OUT_DIR`)"
+                )
             LOG.info(
-                f"fish_mask: weights in {cfg.output_dir}, mask in {path}\n{summarize(mask)}",
+                f"fish_mask: weights in {cfg.output_dir}, mask in {path}{delta}\n{summarize(mask)}",
                 main_process_only=False,
             )
 

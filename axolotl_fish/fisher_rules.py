@@ -1,0 +1,428 @@
+"""How the batched Fisher pass forms per-example squared gradients: one rule class per layer kind.
+
+A rule claims candidate tensors of the modules it understands (`claim`), and adds every example's
+squared gradient of them to the scores (`add`) from what was recorded on those modules during one
+batched forward and backward: each call's input, output and output gradient. The backward then
+needs no weight gradient at all. Tensors no rule claims take the generic one-example-at-a-time
+path (`fisher.py`).
+
+A rule may only claim a tensor that is used solely through the forward of the module(s) it
+records. So modules whose class overrides the forward of `nn.Linear` / `nn.Embedding` are left
+alone, as are tensors held by more than one module (except a tied embedding, which has its own
+rule) and the factors and base layers of LoRA layers with a variant (DoRA reuses
+`lora_B @ lora_A` and the base weight to normalise the weight).
+
+Rules live in `RULES`, tried in order for every module; `register_rule` adds one (e.g. for a new
+adapter type). A rule whose recorded calls turn out not to be per-example (a first dimension
+other than the batch's rows, e.g. GPT-2's position embedding, looked up once for all rows) is
+dropped after the first micro-batch and its tensors go to the generic path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Largest per-example gradient block (elements) materialised at once.
+BLOCK_ELEMENTS = 1 << 25
+
+
+class Call(NamedTuple):
+    """One forward call of a recorded module: its first input, its output, the output's gradient."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    grad: torch.Tensor
+
+
+@dataclass
+class Candidates:
+    """The candidate tensors of a model, which module(s) hold each, and which are claimed."""
+
+    key_of: dict[int, str]  # id(parameter) -> saved key
+    owners: dict[int, list[nn.Module]]  # id(parameter) -> the modules holding it directly
+    excluded: set[nn.Module]  # modules whose tensors are used outside their own forward
+    claimed: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, model: nn.Module, params: Mapping[str, nn.Parameter]) -> Candidates:
+        owners: dict[int, list[nn.Module]] = defaultdict(list)
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    owners[id(param)].append(module)
+        key_of = {id(param): key for key, param in params.items()}
+        return cls(key_of=key_of, owners=owners, excluded=_lora_variant_modules(model))
+
+    def key(self, param: torch.Tensor | None) -> str | None:
+        """The saved key of `param` if it is a candidate no rule has claimed yet."""
+        key = None if param is None else self.key_of.get(id(param))
+        return None if key is None or key in self.claimed else key
+
+    def own_key(self, module: nn.Module, name: str) -> str | None:
+        """The key of `module.<name>` if it is an unclaimed candidate held by this module only."""
+        param = module._parameters.get(name)
+        if module in self.excluded or param is None or self.owners[id(param)] != [module]:
+            return None
+        return self.key(param)
+
+
+class FisherRule(ABC):
+    """Adds per-example squared gradients of the tensors `keys` from calls of `modules`."""
+
+    keys: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    # Fewest dimensions of a per-example input: (rows, tokens, ...) for layers over hidden states.
+    input_ndim = 3
+
+    @classmethod
+    @abstractmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> FisherRule | None:
+        """A rule for candidate tensors of `module`, or None if this class does not apply."""
+
+    @abstractmethod
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        """Add sum over the batch's examples of each claimed tensor's squared gradient."""
+
+    def per_example(self, calls: Mapping[nn.Module, list[Call]], rows: int) -> bool:
+        """Whether every call holds one slice per example (first dimension = the batch's rows)."""
+        return all(_per_example(c, rows, self.input_ndim) for c in calls.values())
+
+
+def _per_example(calls: list[Call], rows: int, ndim: int) -> bool:
+    return all(
+        call.input.dim() >= ndim and call.input.shape[0] == rows and call.grad.shape[0] == rows
+        for call in calls
+    )
+
+
+RULES: list[type[FisherRule]] = []
+
+
+def register_rule(rule: type[FisherRule]) -> type[FisherRule]:
+    """Add a rule class to the registry (a class decorator); earlier rules are tried first."""
+    RULES.append(rule)
+    return rule
+
+
+def claim_rules(model: nn.Module, params: Mapping[str, nn.Parameter]) -> list[FisherRule]:
+    """Every rule that claims candidate tensors of `model`; each tensor is claimed at most once."""
+    candidates = Candidates.of(model, params)
+    rules = []
+    for module in model.modules():
+        for rule_class in RULES:
+            rule = rule_class.claim(module, candidates)
+            if rule is not None:
+                candidates.claimed.update(rule.keys)
+                rules.append(rule)
+    return rules
+
+
+def _cat(calls: list[Call], part: str, rows: int, trailing: bool = True) -> torch.Tensor:
+    """The calls' `part` tensors as (rows, tokens[, features]), tokens of all calls concatenated
+    (a module called several times in one forward: its per-example gradient is the sum)."""
+    tensors = [getattr(call, part) for call in calls]
+    if trailing:
+        return torch.cat([t.reshape(rows, -1, t.shape[-1]) for t in tensors], dim=1).float()
+    return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
+
+
+def sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_n (g_n^T x_n)^2 for g: (N, T, O), x: (N, T, I), in blocks of bounded memory."""
+    rows, _, out_features = g.shape
+    block = max(1, BLOCK_ELEMENTS // (out_features * x.shape[-1]))
+    total = torch.zeros(out_features, x.shape[-1], device=x.device)
+    for start in range(0, rows, block):
+        per_example = torch.bmm(g[start : start + block].transpose(1, 2), x[start : start + block])
+        total.add_(per_example.square_().sum(dim=0))
+    return total
+
+
+def _plain(module: nn.Module, base: type[nn.Module]) -> bool:
+    """An instance of `base` whose forward is `base`'s own (not overridden by a subclass)."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def _embedding_plain(module: nn.Module) -> bool:
+    """A lookup PyTorch differentiates as a plain scatter (no max_norm, no frequency scaling)."""
+    return module.max_norm is None and not module.scale_grad_by_freq
+
+
+@register_rule
+class LinearRule(FisherRule):
+    """Any `nn.Linear` (LoRA factors of plain LoRA layers, a model's own projections, the layers
+    of other adapters) and GPT-2's `Conv1D` (weight stored transposed): per-example weight
+    gradient sum_t g_t x_t^T, bias gradient sum_t g_t."""
+
+    def __init__(self, module: nn.Module, weight: str | None, bias: str | None) -> None:
+        self.modules = (module,)
+        self.weight, self.bias = weight, bias
+        self.keys = tuple(key for key in (weight, bias) if key is not None)
+        self.transposed = not isinstance(module, nn.Linear)
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> LinearRule | None:
+        from transformers.pytorch_utils import Conv1D
+
+        if not (_plain(module, nn.Linear) or _plain(module, Conv1D)):
+            return None
+        weight, bias = candidates.own_key(module, "weight"), candidates.own_key(module, "bias")
+        return None if weight is None and bias is None else cls(module, weight, bias)
+
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        [module_calls] = calls.values()
+        rows = module_calls[0].input.shape[0]
+        g = _cat(module_calls, "grad", rows)
+        if self.weight is not None:
+            x = _cat(module_calls, "input", rows)
+            outer = sum_of_squared_outer(x, g) if self.transposed else sum_of_squared_outer(g, x)
+            scores[self.weight].add_(outer)
+        if self.bias is not None:
+            scores[self.bias].add_(g.sum(dim=1).square().sum(dim=0))
+
+
+def _row_sums(ids: torch.Tensor, g: torch.Tensor, vocab: int, padding_idx: int | None):
+    """Per example, the gradient of every embedding row it looks up: (example, row) pairs and
+    sum_{t: id_t = row} g_t, without a per-example (vocab x dim) tensor."""
+    rows = ids.shape[0]
+    pair = (torch.arange(rows, device=ids.device).unsqueeze(1) * vocab + ids).flatten()
+    grads = g.reshape(-1, g.shape[-1])
+    if padding_idx is not None:  # F.embedding gives the padding row no gradient
+        keep = ids.flatten() != padding_idx
+        pair, grads = pair[keep], grads[keep]
+    unique, inverse = torch.unique(pair, return_inverse=True)
+    sums = torch.zeros(unique.numel(), grads.shape[-1], device=g.device).index_add_(
+        0, inverse, grads
+    )
+    return unique, sums
+
+
+@register_rule
+class TiedEmbeddingRule(FisherRule):
+    """A weight shared by an `nn.Embedding` (input) and an `nn.Linear` (output head), as in
+    SmolLM2 or GPT-2: one tensor, whose per-example gradient is the sum of both uses (formed
+    before squaring), dense per example in blocks of bounded memory."""
+
+    def __init__(self, embedding: nn.Embedding, head: nn.Linear, key: str) -> None:
+        self.modules = (embedding, head)
+        self.keys = (key,)
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> TiedEmbeddingRule | None:
+        if not (_plain(module, nn.Embedding) and _embedding_plain(module)):
+            return None
+        weight = module.weight
+        owners = candidates.owners[id(weight)]
+        key = candidates.key(weight)
+        heads = [m for m in owners if m is not module]
+        if key is None or len(owners) != 2 or any(m in candidates.excluded for m in owners):
+            return None
+        head = heads[0]
+        if not _plain(head, nn.Linear) or candidates.key(head.bias) is not None:
+            return None  # a trainable head bias: leave the pair to the generic path
+        return cls(module, head, key)
+
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        embedding, head = self.modules
+        lookups, outputs = calls[embedding], calls[head]
+        some = (lookups or outputs)[0]
+        rows = some.input.shape[0]
+        vocab, dim = embedding.weight.shape
+        total = torch.zeros(vocab, dim, device=some.grad.device)
+        if lookups:
+            ids = _cat(lookups, "input", rows, trailing=False)
+            pairs, sums = _row_sums(ids, _cat(lookups, "grad", rows), vocab, embedding.padding_idx)
+        if outputs:
+            g, x = _cat(outputs, "grad", rows), _cat(outputs, "input", rows)
+        block = max(1, BLOCK_ELEMENTS // (vocab * dim))
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            if outputs:
+                per_example = torch.bmm(g[start:stop].transpose(1, 2), x[start:stop])
+            else:
+                per_example = torch.zeros(stop - start, vocab, dim, device=total.device)
+            if lookups:
+                inside = (pairs >= start * vocab) & (pairs < stop * vocab)
+                flat = per_example.view(-1, dim)
+                flat.index_add_(0, pairs[inside] - start * vocab, sums[inside])
+            total.add_(per_example.square_().sum(dim=0))
+        scores[self.keys[0]].add_(total)
+
+    def per_example(self, calls: Mapping[nn.Module, list[Call]], rows: int) -> bool:
+        embedding, head = self.modules
+        return _per_example(calls[embedding], rows, 2) and _per_example(calls[head], rows, 3)
+
+
+@register_rule
+class EmbeddingRule(FisherRule):
+    """An `nn.Embedding` held by itself: per example, row v's gradient is sum_{t: id_t = v} g_t."""
+
+    input_ndim = 2
+
+    def __init__(self, module: nn.Embedding, key: str) -> None:
+        self.modules = (module,)
+        self.keys = (key,)
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> EmbeddingRule | None:
+        if not (_plain(module, nn.Embedding) and _embedding_plain(module)):
+            return None
+        key = candidates.own_key(module, "weight")
+        return None if key is None else cls(module, key)
+
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        [module_calls] = calls.values()
+        [module] = self.modules
+        rows = module_calls[0].input.shape[0]
+        vocab = module.weight.shape[0]
+        ids = _cat(module_calls, "input", rows, trailing=False)
+        pairs, sums = _row_sums(ids, _cat(module_calls, "grad", rows), vocab, module.padding_idx)
+        scores[self.keys[0]].index_add_(0, pairs % vocab, sums.square())
+
+
+@contextmanager
+def _swapped(module: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily replace some of `module`'s parameters by plain tensors."""
+    saved = {name: module._parameters[name] for name in values}
+    module._parameters.update(values)
+    try:
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+@register_rule
+class NormRule(FisherRule):
+    """A normalisation layer (`nn.LayerNorm`, any `...RMSNorm`) whose output is affine in its
+    weight and bias per feature: y = c + w * f(x) (+ b * h(x)). f and h are read off the layer
+    itself by calling it with w, b set to 0 and 1; then the per-example weight gradient is
+    sum_t g_t * f_t. The reconstruction is checked against the recorded output."""
+
+    def __init__(self, module: nn.Module, weight: str | None, bias: str | None) -> None:
+        self.modules = (module,)
+        self.weight, self.bias = weight, bias
+        self.keys = tuple(key for key in (weight, bias) if key is not None)
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> NormRule | None:
+        name = type(module).__name__
+        if not (_plain(module, nn.LayerNorm) or name.endswith("RMSNorm")):
+            return None
+        params = module._parameters
+        if set(params) - {"weight", "bias"} or params.get("weight") is None:
+            return None
+        if any(p is not None and p.dim() != 1 for p in params.values()):
+            return None
+        weight, bias = candidates.own_key(module, "weight"), candidates.own_key(module, "bias")
+        return None if weight is None and bias is None else cls(module, weight, bias)
+
+    @torch.no_grad()
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        [module_calls] = calls.values()
+        [module] = self.modules
+        params = {name: p for name, p in module._parameters.items() if p is not None}
+        zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+        rows = module_calls[0].input.shape[0]
+        g = _cat(module_calls, "grad", rows)
+        x = [call.input for call in module_calls]
+
+        def probe(name: str | None) -> torch.Tensor:
+            values = zeros if name is None else zeros | {name: torch.ones_like(params[name])}
+            with _swapped(module, values):
+                return torch.cat([module(xi).reshape(rows, -1, g.shape[-1]) for xi in x], 1)
+
+        base = probe(None).float()
+        slopes = {name: probe(name).float() - base for name in params}
+        rebuilt = base + sum(slopes[name] * params[name].float() for name in params)
+        recorded = _cat(module_calls, "output", rows)
+        if not torch.allclose(rebuilt, recorded, rtol=1e-2, atol=1e-3 * recorded.abs().max()):
+            raise RuntimeError(
+                f"Fisher pass: {type(module).__name__} is not affine in its weight/bias; its "
+                f"tensors {self.keys} cannot take the batched path. Exclude them "
+                f"(fish_mask.exclude) or report the layer type."
+            )
+        for name, key in (("weight", self.weight), ("bias", self.bias)):
+            if key is not None:
+                scores[key].add_((g * slopes[name]).sum(dim=1).square().sum(dim=0))
+
+
+@register_rule
+class LoraEmbeddingRule(FisherRule):
+    """lora_embedding_A (r x V) and lora_embedding_B (out x r) of a plain-LoRA Embedding layer,
+    from the layer's token ids and output gradient g: with c = scaling * embed_scale,
+    dB = c * sum_t g_t a_t^T (a_t = A[:, id_t]) and dA[:, v] = c * sum_{t: id_t = v} B^T g_t."""
+
+    input_ndim = 2
+
+    def __init__(self, layer: nn.Module, adapter: str, a_key: str, b_key: str) -> None:
+        self.modules = (layer,)
+        self.adapter = adapter
+        self.keys = (a_key, b_key)
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> LoraEmbeddingRule | None:
+        from peft.tuners.lora import Embedding
+
+        if not isinstance(module, Embedding) or not _plain_lora_lookup(module):
+            return None
+        [(adapter, a)] = module.lora_embedding_A.items()
+        a_key, b_key = candidates.key(a), candidates.key(module.lora_embedding_B[adapter])
+        if adapter in module.lora_variant or a_key is None or b_key is None:
+            return None
+        return cls(module, adapter, a_key, b_key)
+
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        [module_calls] = calls.values()
+        [layer] = self.modules
+        adapter = self.adapter
+        a = layer.lora_embedding_A[adapter].detach().float()
+        b = layer.lora_embedding_B[adapter].detach().float()
+        scale = layer.scaling[adapter]
+        embed_scale = layer._get_embed_scale()
+        if embed_scale is not None:
+            scale = scale * embed_scale.float()
+        rows = module_calls[0].input.shape[0]
+        ids = _cat(module_calls, "input", rows, trailing=False)
+        g = _cat(module_calls, "grad", rows) * scale
+        scores[self.keys[1]].add_(sum_of_squared_outer(g, F.embedding(ids, a.T)))
+        pairs, sums = _row_sums(ids, g @ b, a.shape[1], layer.get_base_layer().padding_idx)
+        grad_a = torch.zeros_like(a.T).index_add_(0, pairs % a.shape[1], sums.square())
+        scores[self.keys[0]].add_(grad_a.T)
+
+
+def _plain_lora_lookup(layer: nn.Module) -> bool:
+    """A LoRA embedding whose lookup is a plain F.embedding (no max_norm, no frequency scaling,
+    no tensor-parallel input/output functions) and that holds one embedding adapter."""
+    return (
+        _embedding_plain(layer.get_base_layer())
+        and not getattr(layer, "input_fns", {})
+        and not getattr(layer, "output_fns", {})
+        and len(layer.lora_embedding_A) == 1
+    )
+
+
+def _lora_variant_modules(model: nn.Module) -> set[nn.Module]:
+    """Factors and base layers of LoRA layers with a variant (DoRA): used outside their forward."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return set()
+    excluded: set[nn.Module] = set()
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and layer.lora_variant:
+            excluded.add(layer.get_base_layer())
+            for adapter in layer.lora_variant:
+                excluded.update(
+                    factors[adapter]
+                    for factors in (layer.lora_A, layer.lora_B)
+                    if adapter in factors
+                )
+    return excluded

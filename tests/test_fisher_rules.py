@@ -1,0 +1,111 @@
+"""The rule registry of the batched Fisher pass: which tensors each rule claims, and that the
+batched numbers equal the batch-size-1 reference without any per-example loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fisher import max_relative_error, reference_fisher
+from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
+from torch import nn
+
+import axolotl_fish.fisher as fisher
+from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
+from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.fisher_rules import (
+    EmbeddingRule,
+    LinearRule,
+    NormRule,
+    TiedEmbeddingRule,
+    claim_rules,
+)
+
+
+def no_per_example_loop(monkeypatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor took the per-example path")
+
+    monkeypatch.setattr(fisher, "_accumulate_rowwise", forbidden)
+
+
+def batches_with_padding_id_in_text():
+    batches = padded_batches(n_rows=7, batch_size=3)
+    for batch in batches:  # id 0 (the padding_idx) inside real text: its row gets no gradient
+        batch["input_ids"][:, 1] = 0
+    return batches
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_weight_of_a_llama_is_batched_and_exact(monkeypatch, tied):
+    model = tiny_base_model("llama")
+    if tied:  # SmolLM2: lm_head shares the input embedding
+        model.lm_head.weight = model.get_input_embeddings().weight
+    params = trainable_parameters(model)
+    rules = claim_rules(model, params)
+    assert {key for rule in rules for key in rule.keys} == set(params)
+    kinds = {type(rule) for rule in rules}
+    assert kinds == {LinearRule, NormRule, TiedEmbeddingRule if tied else EmbeddingRule}
+    no_per_example_loop(monkeypatch)
+    batches = batches_with_padding_id_in_text()
+    result = fisher_scores(model, batches, params, num_samples=7, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=7)
+    assert max_relative_error(result.scores, reference) < 1e-4
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gpt2_position_embedding_is_not_per_example_and_goes_generic():
+    """wpe is looked up once for all rows ((1, T) position ids): dropped after the first batch."""
+    model = tiny_base_model("gpt2")
+    params = trainable_parameters(model)
+    assert "transformer.wpe.weight" in {k for rule in claim_rules(model, params) for k in rule.keys}
+    batches = padded_batches(n_rows=5, batch_size=3)
+    result = fisher_scores(model, batches, params, num_samples=5, progress=False)
+    reference = reference_fisher(model, batches, params, num_samples=5)
+    assert max_relative_error(result.scores, reference) < 1e-4
+
+
+class Bottleneck(nn.Module):
+    """A bottleneck adapter of plain nn.Linear layers, added to a block's output."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(dim, 4), nn.Linear(4, dim)
+        nn.init.normal_(self.up.weight, std=0.1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(torch.relu(self.down(hidden)))
+
+
+def test_plain_linear_layers_of_any_adapter_are_claimed(monkeypatch):
+    model = tiny_base_model("llama").requires_grad_(False)
+    for layer in model.model.layers:
+        layer.mlp.adapter = Bottleneck(32)
+        layer.mlp.register_forward_hook(lambda module, args, out: module.adapter(out))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(params) == 8 and all(type(r) is LinearRule for r in claim_rules(model, params))
+    no_per_example_loop(monkeypatch)
+    batches = padded_batches(n_rows=6, batch_size=3)
+    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
+    assert max_relative_error(result.scores, reference_fisher(model, batches, params, 6)) < 1e-4
+
+
+def test_dora_factors_and_magnitudes_are_not_claimed():
+    model = tiny_lora_model("llama", use_dora=True)
+    params = adapter_parameters(model)
+    assert claim_rules(model, params) == []
+
+
+def test_a_layer_that_is_not_affine_in_its_weight_is_refused():
+    class SquaredRMSNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.full((32,), 0.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight.square()
+
+    model = tiny_base_model("llama").requires_grad_(False)
+    model.model.norm = SquaredRMSNorm()
+    params = {"model.norm.weight": model.model.norm.weight}
+    with pytest.raises(RuntimeError, match="SquaredRMSNorm is not affine"):
+        fisher_scores(model, padded_batches(3, 3), params, num_samples=3, progress=False)
