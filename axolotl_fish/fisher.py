@@ -7,7 +7,8 @@ example, never of a batch gradient, and accumulated in fp32.
 Two paths compute the same numbers:
 - Batched path (one forward and one backward per micro-batch): LoRA `nn.Linear` factors
   (lora_A / lora_B of plain LoRA layers, Conv1D-based models included: their factors are
-  `nn.Linear`) and lora_embedding_A / lora_embedding_B of plain LoRA embedding layers. A linear
+  `nn.Linear`), lora_embedding_A / lora_embedding_B of plain LoRA embedding layers, and the
+  down- and up-projections (weights and biases) of bottleneck adapters. A linear
   factor's per-example weight gradient is sum_t g_t x_t^T, formed from its recorded inputs x and
   output gradients g; embedding factors are formed from the token ids and the layer's output
   gradient.
@@ -22,6 +23,7 @@ by a draw from the model's own predictive distribution (the true Fisher). A draw
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from axolotl_fish.bottleneck import BottleneckAdapter
 from axolotl_fish.distributed import rank_and_world, share_of, sum_over_ranks
 from axolotl_fish.rng import preserved_rng_state
 
@@ -285,7 +288,9 @@ class _FactorTaps:
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
         key_of = {id(p): key for key, p in params.items()}
         self.rules: dict[nn.Module, _LinearFactor | _EmbeddingFactors] = {}
-        for module, rule in _batched_rules(model, key_of):
+        for module, rule in itertools.chain(
+            _batched_rules(model, key_of), _bottleneck_rules(model, key_of)
+        ):
             self.rules[module] = rule
         self.covered = {key for rule in self.rules.values() for key in rule.keys}
         self._calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
@@ -356,6 +361,22 @@ def _batched_rules(
                 b = layer.lora_embedding_B[adapter]
                 if adapter not in layer.lora_variant and id(a) in key_of and id(b) in key_of:
                     yield layer, _EmbeddingFactors(layer, adapter, key_of[id(a)], key_of[id(b)])
+
+
+def _bottleneck_rules(
+    model: nn.Module, key_of: Mapping[int, str]
+) -> Iterator[tuple[nn.Module, _LinearFactor]]:
+    """(projection, rule) for the down- and up-projection of every bottleneck adapter: plain
+    `nn.Linear` layers used only through their forward, so `_LinearFactor` is exact for their
+    weights and biases."""
+    for adapter in model.modules():
+        if isinstance(adapter, BottleneckAdapter):
+            for linear in (adapter.down, adapter.up):
+                if id(linear.weight) in key_of:
+                    yield (
+                        linear,
+                        _LinearFactor(key_of[id(linear.weight)], key_of.get(id(linear.bias))),
+                    )
 
 
 def _plain_lookup(layer: nn.Module) -> bool:
