@@ -117,10 +117,7 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
         device = next(sublayer.parameters()).device
         sublayer.add_module(MODULE_NAME, adapter.to(device=device, dtype=torch.float32))
         sublayer.register_forward_hook(_add_adapter_output)
-    LOG.info(
-        f"bottleneck: {len(sublayers)} {config.placement} adapters of size {config.size} "
-        f"({sum(p.numel() for p in bottleneck_parameters(model).values()):,} parameters)"
-    )
+    LOG.info(describe_bottleneck(model))
     return model
 
 
@@ -132,6 +129,19 @@ def bottleneck_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         if isinstance(module, BottleneckAdapter)
         for name, param in module.named_parameters(prefix=module_name)
     }
+
+
+def describe_bottleneck(model: nn.Module) -> str:
+    """One line for a model with bottleneck adapters: how many of which kind, and their
+    trainable parameters."""
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    settings = adapters[0].settings
+    return (
+        f"bottleneck: {len(adapters)} {settings['placement']} adapters of size "
+        f"{settings['size']} ({settings['nonlinearity']}), "
+        f"{sum(p.numel() for p in bottleneck_parameters(model).values()):,} trainable "
+        f"parameters; the base model is frozen"
+    )
 
 
 def bottleneck_settings(model: nn.Module) -> dict[str, Any] | None:

@@ -57,7 +57,7 @@ class FishMaskPlugin(BasePlugin):
             )
         if cfg.get("fish_mask") is None:
             return
-        if cfg.get("adapter") is None:  # full fine-tuning: no LoRA kernels to turn off
+        if cfg.get("adapter") not in ("lora", "qlora"):  # Axolotl turns its kernels on for these
             return
         unset = [key for key in LORA_KERNEL_KEYS if cfg.get(key) is None]
         for key in unset:

@@ -16,6 +16,7 @@ from axolotl_fish.bottleneck import (
     BottleneckConfig,
     BottleneckSaveCallback,
     add_bottleneck,
+    describe_bottleneck,
     load_bottleneck,
 )
 
@@ -69,9 +70,11 @@ def load(model: nn.Module, cfg: DictDefault, config_only: bool) -> tuple[nn.Modu
         raise ValueError(f"adapter: {ADAPTER} has no PEFT config to give.")
     if cfg.lora_model_dir:
         LOG.info(f"bottleneck: loading the adapter saved in {cfg.lora_model_dir}")
-        return load_bottleneck(model, cfg.lora_model_dir), None
-    settings = cfg.bottleneck or {}
-    return add_bottleneck(model, BottleneckConfig(**settings)), None
+        load_bottleneck(model, cfg.lora_model_dir)
+    else:
+        add_bottleneck(model, BottleneckConfig(**(cfg.bottleneck or {})))
+    LOG.info(describe_bottleneck(model))
+    return model, None
 
 
 def callbacks(cfg: DictDefault, trainer: Trainer) -> list[TrainerCallback]:
