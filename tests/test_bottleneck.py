@@ -161,3 +161,19 @@ def test_zero_up_projection_gives_zero_down_scores_and_warmup_fixes_it():
     warm = run(2)
     assert "tie_breaks" not in warm.metadata and warm.k == cold.k == round(0.8 * cold.total)
     assert any(m.any() for k, m in warm.masks.items() if "down.weight" in k)
+
+
+def test_axolotl_loader_builds_fresh_or_saved_adapters_and_leaves_other_adapters(tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_fish.integration.bottleneck import load
+
+    batch = padded_batches(n_rows=2, batch_size=2)[0]
+    assert load(tiny_base_model(), DictDefault(adapter="lora"), config_only=False) is None
+    cfg = DictDefault(adapter="bottleneck", bottleneck={"size": 4, "placement": "pfeiffer"})
+    fresh, peft_config = load(tiny_base_model(), cfg, config_only=False)
+    assert peft_config is None and len(bottleneck_parameters(fresh)) == 2 * 4
+    save_bottleneck(perturbed(fresh), tmp_path)
+    cfg = DictDefault(adapter="bottleneck", lora_model_dir=str(tmp_path))
+    loaded, _ = load(tiny_base_model(), cfg, config_only=False)
+    torch.testing.assert_close(logits(loaded, batch), logits(fresh, batch), rtol=0, atol=0)
