@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from axolotl_fish.bottleneck import DOWN, MODULE_NAME, UP
+
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every trainable tensor, keyed by its name in the saved adapter (PEFT model) or in the
@@ -89,11 +91,14 @@ def count_entries(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 def tensor_role(key: str) -> tuple[str, str]:
-    """(module type, matrix) of a saved adapter key, e.g. ('q_proj', 'lora_A')."""
+    """(module type, matrix) of a saved adapter key, e.g. ('q_proj', 'lora_A'), or for a
+    bottleneck adapter's projection ('mlp', 'bottleneck.down')."""
     parts = key.split(".")
     for i, part in enumerate(parts):
         if part.startswith("lora_") and i > 0:
             return parts[i - 1], part
+        if part == MODULE_NAME and 0 < i < len(parts) - 1 and parts[i + 1] in (DOWN, UP):
+            return parts[i - 1], f"{MODULE_NAME}.{parts[i + 1]}"
     return (parts[-2] if len(parts) > 1 else parts[0]), parts[-1]
 
 
@@ -105,10 +110,15 @@ def layer_index(key: str) -> int | None:
 
 def rank_axis(key: str) -> int | None:
     """Which axis of a LoRA factor has the adapter's rank: 0 for A (r x in), 1 for B (out x r);
-    None for tensors whose size does not depend on the rank (DoRA magnitudes, full copies)."""
+    likewise the bottleneck size of a bottleneck adapter: 0 for the down-projection (weight
+    size x hidden, bias size), 1 for the up-projection's weight (hidden x size). None for
+    tensors whose size does not depend on the rank (DoRA magnitudes, full copies, the
+    up-projection's bias)."""
     matrix = tensor_role(key)[1]
-    if matrix in ("lora_A", "lora_embedding_A"):
+    if matrix in ("lora_A", "lora_embedding_A", f"{MODULE_NAME}.{DOWN}"):
         return 0
-    if matrix in ("lora_B", "lora_embedding_B"):
+    if matrix in ("lora_B", "lora_embedding_B") or (
+        matrix == f"{MODULE_NAME}.{UP}" and key.endswith(".weight")
+    ):
         return 1
     return None

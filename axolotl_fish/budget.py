@@ -29,11 +29,13 @@ def budget(config: FishMaskConfig, tensors: Mapping[str, torch.Tensor]) -> int:
 
 def entries_at_rank(tensors: Mapping[str, torch.Tensor], rank: int) -> int:
     """Trainable entries the same adapter would have at `rank`: "rank 16 masked to the size of
-    rank 8" trains exactly as many entries as a dense rank-8 adapter."""
+    rank 8" trains exactly as many entries as a dense rank-8 adapter. For bottleneck adapters
+    `rank` is the bottleneck size: "size 64 masked to size 32"."""
     if all(rank_axis(key) is None for key in tensors):
         raise ValueError(
-            "fish_mask.match_rank needs LoRA factors among the candidates (there are none: no "
-            "adapter, or include/exclude left none); use keep_ratio or keep_params."
+            "fish_mask.match_rank needs LoRA factors or bottleneck projections among the "
+            "candidates (there are none: no adapter with a rank, or include/exclude left none); "
+            "use keep_ratio or keep_params."
         )
     total = 0
     for key, tensor in tensors.items():

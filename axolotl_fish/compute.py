@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from axolotl_fish.adapter_tensors import count_entries, trainable_parameters
+from axolotl_fish.bottleneck import bottleneck_settings
 from axolotl_fish.budget import budget, budget_groups
 from axolotl_fish.candidates import select_candidates
 from axolotl_fish.config import BUDGET_KEYS, FishMaskConfig
@@ -32,6 +33,8 @@ _PEFT_SETTINGS = (
     "use_rslora",
     "init_lora_weights",
     "modules_to_save",
+    "adapter_len",  # llama-adapter (PEFT's adaption prompt)
+    "adapter_layers",
 )
 
 
@@ -98,17 +101,22 @@ def compute_fish_mask(
         drawn = sum(tie.chosen for tie in ties)
         LOG.warning(
             f"fish_mask: {drawn:,} of {k:,} entries were drawn at random among entries with "
-            f"equal scores (at LoRA's initialisation every lora_A score is exactly 0)."
+            f"equal scores (at initialisation every lora_A and bottleneck down-projection "
+            f"score is exactly 0: see fish_mask.warmup_steps)."
         )
     return FishMask(masks=masks, metadata=metadata)
 
 
 def peft_settings(model: nn.Module) -> dict[str, Any]:
-    """The adapter settings a mask depends on, for its metadata; without an adapter
-    (full-parameter mode) the model's name."""
+    """The adapter settings a mask depends on, for its metadata; with bottleneck adapters their
+    settings; without an adapter (full-parameter mode) the model's name."""
     peft_config = getattr(model, "peft_config", {}).get("default")
     if peft_config is None:
         name = getattr(getattr(model, "config", None), "name_or_path", None)
+        bottleneck = bottleneck_settings(model)
+        if bottleneck is not None:
+            settings = {f"bottleneck_{key}": value for key, value in bottleneck.items()}
+            return {"peft_type": "BOTTLENECK", "base_model_name_or_path": name, **settings}
         return {"peft_type": None, "base_model_name_or_path": name}
     settings = peft_config.to_dict()
     return {

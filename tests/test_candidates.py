@@ -85,7 +85,10 @@ def test_budget_counts_candidates_only_and_metadata_records_patterns(budget, exp
 
 def test_match_rank_needs_lora_factors_among_candidates():
     config = FishMaskConfig(match_rank=2, include=["lora_magnitude_vector"])
-    with pytest.raises(ValueError, match="match_rank needs LoRA factors among the candidates"):
+    with pytest.raises(
+        ValueError,
+        match="match_rank needs LoRA factors or bottleneck projections among the candidates",
+    ):
         compute_fish_mask(tiny_lora_model(use_dora=True), [], config, progress=False)
 
 

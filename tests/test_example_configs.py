@@ -25,7 +25,7 @@ def test_example_validates(path):
     if "fish_mask" in raw:
         for key, value in raw["fish_mask"].items():
             assert validated.fish_mask[key] == value, key
-        assert validated.lora_qkv_kernel is False or raw.get("adapter") is None
+        assert validated.lora_qkv_kernel is False or raw.get("adapter") not in ("lora", "qlora")
     assert validated.output_dir.startswith("./outputs/")
 
 

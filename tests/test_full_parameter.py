@@ -155,5 +155,7 @@ def full_fine_tune_config(tiny_llama_dir, alpaca_jsonl, **fish_mask) -> DictDefa
 def test_validation_accepts_no_adapter_but_not_match_rank(tiny_llama_dir, alpaca_jsonl):
     cfg = full_fine_tune_config(tiny_llama_dir, alpaca_jsonl, keep_ratio=0.01)
     assert cfg.adapter is None and cfg.fish_mask["keep_ratio"] == 0.01
-    with pytest.raises(ValueError, match="without an adapter use keep_ratio or keep_params"):
+    with pytest.raises(
+        ValueError, match="without an adapter there is no rank: use keep_ratio or keep_params"
+    ):
         full_fine_tune_config(tiny_llama_dir, alpaca_jsonl, match_rank=8)

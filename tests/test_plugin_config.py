@@ -9,6 +9,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl_fish.config import FishMaskConfig
 
 PLUGIN = "axolotl_fish.FishMaskPlugin"
+LLAMA_ADAPTER = {"adapter": "llama-adapter", "peft_adapter": {"layers": 1, "len": 4}}
 
 
 @pytest.fixture
@@ -74,7 +75,16 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
             "fish_mask.strategy: unknown scorer 'magic': expected 'fisher', 'random' or 'reverse'",
         ),
         ({"fish_mask": {"keep_ratio": 0.5, "kep_ratio": 1}}, "fish_mask.kep_ratio"),
-        ({"adapter": "llama-adapter"}, "adapter='llama-adapter' is not supported"),
+        ({"adapter": "llama-adapter"}, "needs `peft_adapter: {layers: L, len: K}`"),
+        (
+            {**LLAMA_ADAPTER, "fish_mask": {"match_rank": 2}},
+            "with `adapter: llama-adapter` there is no rank: use keep_ratio",
+        ),
+        ({"bottleneck": {"size": 8}}, "`bottleneck:` settings need `adapter: bottleneck`"),
+        ({"adapter": "bottleneck", "bottleneck": {"size": 0}}, "bottleneck.size"),
+        ({"adapter": "bottleneck", "bottleneck": {"placement": "x"}}, "bottleneck.placement"),
+        ({"adapter": "bottleneck", "rl": "dpo"}, "supervised fine-tuning only"),
+        ({"adapter": "bottleneck", "load_in_8bit": True}, "full-precision base model"),
         ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
         ({"deepspeed": "zero2.json"}, "does not support deepspeed yet.*train on one device or"),
@@ -85,3 +95,15 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
 def test_bad_settings_are_named(make_cfg, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         validated(make_cfg(**overrides))
+
+
+def test_other_adapters_are_accepted_with_their_settings(make_cfg):
+    """Any adapter Axolotl loads is masked (its trainable tensors are the candidates)."""
+    cfg = validated(make_cfg(**LLAMA_ADAPTER))
+    assert cfg.adapter == "llama-adapter" and cfg.peft_adapter == {"layers": 1, "len": 4}
+    cfg = validated(make_cfg(adapter="bottleneck", fish_mask={"match_rank": 16}))
+    assert cfg.bottleneck is None and cfg.fish_mask["match_rank"] == 16
+    cfg = validated(
+        make_cfg(adapter="bottleneck", bottleneck={"size": 32, "placement": "pfeiffer"})
+    )
+    assert cfg.bottleneck["size"] == 32 and cfg.bottleneck["nonlinearity"] == "relu"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from axolotl.integrations.base import BasePlugin
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
-from transformers import Trainer, set_seed
+from torch import nn
+from transformers import Trainer, TrainerCallback, set_seed
 
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.distributed import rank_and_world
+from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
@@ -38,13 +40,27 @@ class FishMaskPlugin(BasePlugin):
     def get_input_args(self) -> str:
         return "axolotl_fish.integration.args.FishMaskPluginArgs"
 
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        return bottleneck.capabilities()
+
+    def load_adapter(
+        self, model: nn.Module, cfg: DictDefault, inference: bool = False, config_only: bool = False
+    ) -> tuple[nn.Module, None] | None:
+        return bottleneck.load(model, cfg, config_only)
+
+    def add_callbacks_post_trainer(
+        self, cfg: DictDefault, trainer: Trainer
+    ) -> list[TrainerCallback]:
+        return bottleneck.callbacks(cfg, trainer)
+
     def register(self, cfg: dict) -> None:
-        if cfg.get("fish_mask") is None:
+        if cfg.get("fish_mask") is None and cfg.get("adapter") != bottleneck.ADAPTER:
             LOG.warning(
                 "FishMaskPlugin is listed but there is no `fish_mask:` block: it does nothing."
             )
+        if cfg.get("fish_mask") is None:
             return
-        if cfg.get("adapter") is None:  # full fine-tuning: no LoRA kernels to turn off
+        if cfg.get("adapter") not in ("lora", "qlora"):  # Axolotl turns its kernels on for these
             return
         unset = [key for key in LORA_KERNEL_KEYS if cfg.get(key) is None]
         for key in unset:

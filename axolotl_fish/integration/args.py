@@ -1,26 +1,43 @@
-"""The `fish_mask:` block of Axolotl's config schema."""
+"""The plugin's keys in Axolotl's config schema: `fish_mask:`, `bottleneck:`, `peft_adapter:`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.integration.bottleneck import BottleneckArgs
 from axolotl_fish.scorers import check_strategy
 
 # Axolotl's fused LoRA kernels call the LoRA weights directly, bypassing the PEFT module
 # forward that the Fisher pass records.
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-# None: full fine-tuning, where the mask covers the model's own parameters (the FISH Mask).
-SUPPORTED_ADAPTERS = (None, "lora", "qlora")
+# Adapters whose trainable tensors have no rank for fish_mask.match_rank to count (None: full
+# fine-tuning, where the mask covers the model's own parameters: the FISH Mask).
+NO_RANK = {None: "without an adapter", "llama-adapter": "with `adapter: llama-adapter`"}
 
 
-class FishMaskPluginArgs(BaseModel):
-    """Adds `fish_mask:` to the Axolotl config (unique name: Axolotl merges args by class name)."""
+class LlamaAdapterSettings(BaseModel):
+    """`peft_adapter:` of `adapter: llama-adapter` (PEFT's adaption prompt)."""
+
+    layers: int = Field(ge=1, description="Top decoder layers that get an adaption prompt (L).")
+    len: int = Field(ge=1, description="Prompt tokens per adapted layer (K).")
+
+
+class FishMaskPluginArgs(BottleneckArgs):
+    """Adds `fish_mask:` (and `bottleneck:`, for `adapter: bottleneck`) to the Axolotl config
+    (unique name: Axolotl merges args by class name).
+
+    Any adapter Axolotl loads is accepted: the mask's candidates are its trainable tensors.
+    Axolotl 0.19 builds `adapter: llama-adapter` from `peft_adapter.layers` and `.len` but its
+    schema has no `peft_adapter`, so validation drops the block and loading fails; it is
+    declared here.
+    """
 
     fish_mask: FishMaskConfig | None = None
+    peft_adapter: LlamaAdapterSettings | None = None
 
     @field_validator("fish_mask")
     @classmethod
@@ -36,20 +53,22 @@ class FishMaskPluginArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def check_fish_mask_context(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("fish_mask") is None:
+        if not isinstance(data, dict):
             return data
         adapter = data.get("adapter")
-        if adapter not in SUPPORTED_ADAPTERS:
+        if adapter == "llama-adapter" and data.get("peft_adapter") is None:
             raise ValueError(
-                f"fish_mask masks the entries of a LoRA adapter (`adapter: lora` or `qlora`) or, "
-                f"with no `adapter:`, the model's own parameters; adapter={adapter!r} is not "
-                f"supported."
+                "adapter: llama-adapter needs `peft_adapter: {layers: L, len: K}` (the top L "
+                "decoder layers get K prompt tokens each)."
             )
+        if data.get("fish_mask") is None:
+            return data
         fish_mask = data["fish_mask"]
-        if adapter is None and isinstance(fish_mask, dict) and fish_mask.get("match_rank"):
+        if adapter in NO_RANK and isinstance(fish_mask, dict) and fish_mask.get("match_rank"):
             raise ValueError(
-                "fish_mask.match_rank counts entries of LoRA factors; without an adapter use "
-                "keep_ratio or keep_params."
+                f"fish_mask.match_rank counts entries of LoRA factors or bottleneck projections "
+                f"at a smaller rank; {NO_RANK[adapter]} there is no rank: use keep_ratio or "
+                f"keep_params."
             )
         if adapter == "qlora" and not torch.cuda.is_available():
             raise ValueError(
