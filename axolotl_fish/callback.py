@@ -19,6 +19,7 @@ from axolotl_fish.candidates import governed_by
 from axolotl_fish.distributed import check_identical_across_ranks
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
+from axolotl_fish.sharded import parameters_by_name
 
 
 class FishMaskCallback(TrainerCallback):
@@ -27,7 +28,8 @@ class FishMaskCallback(TrainerCallback):
 
     Construct it before `trainer.train()`: fully unselected tensors stop requiring gradients
     here, before the optimizer is built. Under torch.distributed it first checks that every
-    rank holds the same mask (`digest`: its SHA-256).
+    rank holds the same mask (`digest`: its SHA-256). When training starts it follows the
+    parameters by name to the model the Trainer prepared: FSDP2 replaced them by sharded ones.
     """
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
@@ -36,10 +38,19 @@ class FishMaskCallback(TrainerCallback):
         self.digest = check_identical_across_ranks(mask.masks)
         self.mask = mask
         self.gradient_mask = GradientMask(params, mask.masks)
+        names = {id(param): name for name, param in model.named_parameters()}
+        self._names = {key: names[id(param)] for key, param in params.items()}
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs,
     ) -> None:
+        if model is not None:  # prepared (under FSDP2: sharded) by now
+            self.gradient_mask.bind(parameters_by_name(model, self._names))
         # After a resume the checkpoint's weights are loaded by now; frozen entries keep those.
         self.gradient_mask.snapshot()
         # Written before the first step, so a run killed before its checkpoint's mask is written
