@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.sharded import local_mask
+from axolotl_fish.sharded import local_mask, parameters_by_name
 
 WORLD = 2
 STEPS = 3
@@ -166,3 +166,18 @@ def test_local_mask_of_a_plain_tensor_is_the_mask():
     mask = torch.tensor([True, False])
     assert torch.equal(local_mask(mask, torch.zeros(2)), mask)
     assert not isinstance(local_mask(mask, torch.zeros(2)), DTensor)
+
+
+def test_parameters_are_found_by_name_through_activation_checkpointing_wrappers():
+    """accelerate's FSDP2 activation checkpointing inserts `_checkpoint_wrapped_module`."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = toy_model()
+    names = {"first.weight": "0.weight", "last.bias": "2.bias"}
+    model[0] = checkpoint_wrapper(model[0])
+    assert "0._checkpoint_wrapped_module.weight" in dict(model.named_parameters())
+    found = parameters_by_name(model, names)
+    assert found["first.weight"] is model[0]._checkpoint_wrapped_module.weight
+    assert found["last.bias"] is model[2].bias
+    with pytest.raises(ValueError, match=r"parameter '1.weight' \(1 in all\) is gone"):
+        parameters_by_name(model, {"x": "1.weight"})

@@ -58,11 +58,11 @@ def _check_sharding(data: dict[str, Any]) -> None:
     """FSDP2 is supported; FSDP1 and DeepSpeed are refused with the reason and what to use."""
     if data.get("deepspeed"):
         raise ValueError(
-            "fish_mask does not support `deepspeed` yet: ZeRO-1/2 keep fp32 master copies that "
-            "the mask would also have to reset after every step, and ZeRO-3 partitions "
-            "parameters into flat buffers the mask cannot see; neither could be exercised on a "
-            "machine without a GPU. Use FSDP2 instead (`fsdp_version: 2` with an `fsdp_config:` "
-            "block), or DDP."
+            "fish_mask does not support `deepspeed` yet. ZeRO-1/2: restoring frozen entries "
+            "would also have to reset DeepSpeed's fp32 master copies (weight decay moves them), "
+            "and this was not exercised end to end (accelerate runs DeepSpeed only on GPUs). "
+            "ZeRO-3: parameters are partitioned into flat buffers the mask cannot see. Use FSDP2 "
+            "instead (`fsdp_version: 2` with an `fsdp_config:` block), or DDP."
         )
     if not (data.get("fsdp") or data.get("fsdp_config")):
         return
