@@ -30,6 +30,16 @@ def is_adapter_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def trains_own_weights(model: nn.Module) -> bool:
+    """Full-parameter mode: what trains are the model's own weights, not an adapter's (a PEFT
+    adapter, or bottleneck adapters inserted into the model)."""
+    from axolotl_fish.bottleneck import BottleneckAdapter
+
+    return not is_adapter_model(model) and not any(
+        isinstance(module, BottleneckAdapter) for module in model.modules()
+    )
+
+
 def model_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every trainable parameter of a plain model, keyed like its saved state dict.
 

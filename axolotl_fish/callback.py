@@ -10,16 +10,18 @@ Usable with any HF `Trainer`:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from axolotl_fish.adapter_tensors import is_adapter_model, trainable_parameters
+from axolotl_fish.adapter_tensors import trainable_parameters, trains_own_weights
 from axolotl_fish.candidates import governed_by
 from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
+from axolotl_fish.sharded import is_sharded, parameters_by_name
 from axolotl_fish.sparse_delta import DeltaRecorder
 from axolotl_fish.sparse_training import SparseTraining
 
@@ -28,40 +30,54 @@ class FishMaskCallback(TrainerCallback):
     """Trains only the selected entries and writes the mask into `output_dir` when training starts
     (where the final weights go) and into every checkpoint.
 
-    With a PEFT adapter, unselected entries get a zero gradient and are put back after every
-    step (`GradientMask`). Without one (full-parameter mode), partly selected weights are frozen
-    and only their selected values train (`SparseTraining`: O(k) gradient and optimizer state);
-    `fish_delta.safetensors` (the changed entries, see `sparse_delta`) is then written into every
-    checkpoint and, when training ends, into `output_dir`.
+    With an adapter (PEFT, bottleneck), unselected entries get a zero gradient and are put back
+    after every step (`GradientMask`). Without one (full-parameter mode), partly selected weights
+    are frozen and only their selected values train (`SparseTraining`: O(k) gradient and optimizer
+    state); `fish_delta.safetensors` (the changed entries, see `sparse_delta`) is then written
+    into every checkpoint and, when training ends, into `output_dir`. `sparse=False` keeps
+    full-parameter mode on `GradientMask` (dense gradients and optimizer state): the path for
+    FSDP2, whose sharded parameters the value vectors do not follow.
 
     Construct it before `trainer.train()`, while the model holds its initial weights: tensors
     with no selected entry stop requiring gradients here, before the optimizer is built. Under
     torch.distributed it first checks that every rank holds the same mask (`digest`: its SHA-256).
+    When training starts it follows the parameters by name to the model the Trainer prepared:
+    FSDP2 replaced them by sharded ones.
     """
 
-    def __init__(self, model: nn.Module, mask: FishMask) -> None:
+    def __init__(self, model: nn.Module, mask: FishMask, *, sparse: bool = True) -> None:
         params = governed_by(mask, model)  # tensors outside its include/exclude train densely
         mask.check_matches(params)
         self.digest = check_identical_across_ranks(mask.masks)
         self.mask = mask
         self.delta: DeltaRecorder | None = None
-        if is_adapter_model(model):
-            gradient_mask = GradientMask(params, mask.masks)
-            self._begin, self._step = gradient_mask.snapshot, gradient_mask.restore
-            self._end = gradient_mask.remove
-        else:
-            changed = trainable_parameters(model)
+        self._begin: Callable[[nn.Module | None], None]
+        if sparse and trains_own_weights(model):
             self.delta = DeltaRecorder(
-                model, changed, mask.masks, record_base=rank_and_world()[0] == 0
+                model, trainable_parameters(model), mask.masks, record_base=rank_and_world()[0] == 0
             )
-            sparse = SparseTraining(model, params, mask.masks)
-            self._begin, self._step, self._end = sparse.read_back, sparse.after_step, sparse.remove
+            sparse_training = SparseTraining(model, params, mask.masks)
+            self._begin = _reading_back(sparse_training)
+            self._step, self._end = sparse_training.after_step, sparse_training.remove
+        else:
+            gradient_mask = GradientMask(params, mask.masks)
+            names = {id(param): name for name, param in model.named_parameters()}
+            self._begin = _rebinding(
+                gradient_mask, {key: names[id(p)] for key, p in params.items()}
+            )
+            self._step, self._end = gradient_mask.restore, gradient_mask.remove
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs,
     ) -> None:
-        # After a resume the checkpoint's weights are loaded by now; training continues from them.
-        self._begin()
+        # The model is prepared (under FSDP2: sharded) by now, and after a resume the
+        # checkpoint's weights are loaded: training continues from them.
+        self._begin(model)
         # Written before the first step, so a run killed before its checkpoint's mask is written
         # (the Trainer calls on_save only after the checkpoint is complete) can resume with it.
         if state.is_world_process_zero:
@@ -107,3 +123,27 @@ class FishMaskCallback(TrainerCallback):
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
     """The `checkpoint-N` folder the Trainer saves at the current step."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def _reading_back(sparse_training: SparseTraining) -> Callable[[nn.Module | None], None]:
+    def begin(prepared: nn.Module | None) -> None:
+        if prepared is not None and any(is_sharded(p) for p in prepared.parameters()):
+            raise ValueError(
+                "fish_mask: sparse full-parameter training does not follow FSDP2's sharded "
+                "parameters; construct FishMaskCallback(model, mask, sparse=False) (dense masked "
+                "training, what the Axolotl plugin does under FSDP2)."
+            )
+        sparse_training.read_back()
+
+    return begin
+
+
+def _rebinding(
+    gradient_mask: GradientMask, names: dict[str, str]
+) -> Callable[[nn.Module | None], None]:
+    def begin(prepared: nn.Module | None) -> None:
+        if prepared is not None:
+            gradient_mask.bind(parameters_by_name(prepared, names))
+        gradient_mask.snapshot()
+
+    return begin

@@ -19,6 +19,7 @@ from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.scorers import ScoringContext, check_strategy, score
 from axolotl_fish.selection import select_in_groups
+from axolotl_fish.sharded import check_not_sharded
 from axolotl_fish.warmup import dense_warmup, restore
 
 LOG = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def compute_fish_mask(
     check_strategy(config.strategy)  # before the warm-up or any pass over the data
     trainable = trainable_parameters(model)
     params = select_candidates(trainable, config.include, config.exclude)
+    check_not_sharded(params)
     dense = count_entries(trainable) - count_entries(params)
     if dense:
         LOG.warning(

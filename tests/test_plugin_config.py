@@ -87,9 +87,13 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"adapter": "bottleneck", "load_in_8bit": True}, "full-precision base model"),
         ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
-        ({"deepspeed": "zero2.json"}, "does not support deepspeed yet.*train on one device or"),
-        ({"fsdp": ["full_shard"]}, "does not support fsdp yet.*with DDP"),
-        ({"fsdp_config": {"fsdp_version": 2}}, "does not support fsdp_config yet"),
+        ({"deepspeed": "zero2.json"}, "does not support `deepspeed` yet.*Use FSDP2 instead"),
+        ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),
+        ({"fsdp_config": {"reshard_after_forward": True}}, "FSDP1 flattens each wrapped module"),
+        (
+            {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},
+            "Set `fsdp_config.cpu_ram_efficient_loading: false`",
+        ),
     ],
 )
 def test_bad_settings_are_named(make_cfg, overrides, message):
@@ -107,3 +111,16 @@ def test_other_adapters_are_accepted_with_their_settings(make_cfg):
         make_cfg(adapter="bottleneck", bottleneck={"size": 32, "placement": "pfeiffer"})
     )
     assert cfg.bottleneck["size"] == 32 and cfg.bottleneck["nonlinearity"] == "relu"
+
+
+@pytest.mark.parametrize(
+    "fsdp",
+    [
+        {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+        {"fsdp_config": {"fsdp_version": 2, "cpu_ram_efficient_loading": False}},
+    ],
+)
+def test_fsdp2_is_accepted(make_cfg, fsdp):
+    cfg = validated(make_cfg(**fsdp))
+    assert str(cfg.fsdp_version or cfg.fsdp_config.fsdp_version) == "2"
+    assert cfg.fish_mask["keep_ratio"] == 0.5

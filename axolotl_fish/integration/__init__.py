@@ -10,6 +10,7 @@ from axolotl.utils.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
 
+from axolotl_fish.adapter_tensors import trains_own_weights
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
@@ -96,7 +97,13 @@ class FishMaskPlugin(BasePlugin):
             check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
-        callback = FishMaskCallback(trainer.model, mask)
+        sharded = bool(cfg.fsdp or cfg.fsdp_config)  # validation lets only FSDP2 through
+        if sharded and trains_own_weights(trainer.model):
+            LOG.info(
+                "fish_mask: full-parameter mode under FSDP2 trains with dense masked gradients "
+                "(sparse value vectors do not follow sharded parameters)"
+            )
+        callback = FishMaskCallback(trainer.model, mask, sparse=not sharded)
         rank, world = rank_and_world()
         if world > 1:
             LOG.info(

@@ -75,14 +75,7 @@ class FishMaskPluginArgs(BottleneckArgs):
                 "fish_mask with `adapter: qlora` needs bitsandbytes' 4-bit kernels on a CUDA "
                 "device, and this machine has none: use `adapter: lora` here."
             )
-        sharded = [key for key in ("deepspeed", "fsdp", "fsdp_config") if data.get(key)]
-        if sharded:
-            raise ValueError(
-                f"fish_mask does not support {sharded[0]} yet: sharded or flattened parameters "
-                f"would not match the mask. Remove `{sharded[0]}` and train on one device or with "
-                f"DDP: `axolotl train CONFIG --launcher accelerate -- --multi_gpu --num_processes "
-                f"N` (on CPU, with ACCELERATE_USE_CPU=1)."
-            )
+        _check_sharding(data)
         enabled = [key for key in LORA_KERNEL_KEYS if data.get(key)]
         if enabled:
             raise ValueError(
@@ -90,3 +83,34 @@ class FishMaskPluginArgs(BottleneckArgs):
                 f"set {', '.join(f'{key}: false' for key in enabled)}."
             )
         return data
+
+
+def _check_sharding(data: dict[str, Any]) -> None:
+    """FSDP2 is supported; FSDP1 and DeepSpeed are refused with the reason and what to use."""
+    if data.get("deepspeed"):
+        raise ValueError(
+            "fish_mask does not support `deepspeed` yet. ZeRO-1/2: restoring frozen entries "
+            "would also have to reset DeepSpeed's fp32 master copies (weight decay moves them), "
+            "and this was not exercised end to end (accelerate runs DeepSpeed only on GPUs). "
+            "ZeRO-3: parameters are partitioned into flat buffers the mask cannot see. Use FSDP2 "
+            "instead (`fsdp_version: 2` with an `fsdp_config:` block), or DDP."
+        )
+    if not (data.get("fsdp") or data.get("fsdp_config")):
+        return
+    fsdp_config = data.get("fsdp_config") or {}
+    version = (
+        data.get("fsdp_version") or fsdp_config.get("fsdp_version") or fsdp_config.get("version")
+    )
+    if str(version) != "2":
+        raise ValueError(
+            f"fish_mask supports FSDP only as FSDP2: set `fsdp_version: 2` (got "
+            f"{version!r}, i.e. FSDP1). FSDP1 flattens each wrapped module's parameters into "
+            f"one flat parameter, so the per-tensor mask hooks would never fire."
+        )
+    for key in ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading"):
+        if fsdp_config.get(key):
+            raise ValueError(
+                f"fish_mask cannot score entries with `fsdp_config.{key}: true`: the Fisher pass "
+                f"runs before FSDP2 shards the model, when only rank 0 holds the weights (the "
+                f"others hold empty tensors). Set `fsdp_config.{key}: false`."
+            )

@@ -1,0 +1,69 @@
+"""Masks on parameters that FSDP2 (`fully_shard`) split across ranks.
+
+FSDP2 replaces every parameter by an `nn.Parameter` holding a DTensor: each rank stores one slice
+(`Shard(0)`, uneven when the first dimension does not divide by the world size, empty on ranks
+past its end). The optimizer steps those slices, so masking acts on them: a full mask is cut to
+the same slice as its parameter (no communication: every rank holds the full mask), and
+gradients, snapshots and restores work on the local slices. Plain tensors pass through, so one
+code path serves one device, DDP and FSDP2 alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# Module names that wrappers insert into parameter names: activation checkpointing
+# (`checkpoint_wrapper`), `torch.compile`, FSDP1. FSDP2 itself keeps names.
+_WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a DTensor (sharing its storage, so in-place edits reach it); any
+    other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The part of a full bool `mask` that lines up with this rank's slice of `param`."""
+    if not isinstance(param, DTensor):
+        return mask.to(device=param.device, dtype=torch.bool)
+    full = mask.to(device=param.to_local().device, dtype=torch.bool)
+    # src_data_rank=None: every rank cuts its own slice of the mask it holds (no broadcast).
+    sliced = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    return sliced.to_local()
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the parts wrappers add (`..._checkpoint_wrapped_module.x`)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
+def parameters_by_name(model: nn.Module, names: Mapping[str, str]) -> dict[str, nn.Parameter]:
+    """`{key: model's parameter now named names[key]}`, looked up after wrapping: `fully_shard`
+    swaps parameter objects for sharded ones under the same names."""
+    current = {unwrapped_name(name): param for name, param in model.named_parameters()}
+    missing = [name for name in names.values() if unwrapped_name(name) not in current]
+    if missing:
+        raise ValueError(
+            f"fish_mask: after the Trainer prepared the model, parameter {missing[0]!r} "
+            f"({len(missing)} in all) is gone; the mask cannot follow it."
+        )
+    return {key: current[unwrapped_name(name)] for key, name in names.items()}
+
+
+def check_not_sharded(params: Mapping[str, torch.Tensor]) -> None:
+    """Scoring must see whole tensors: gradients of sharded parameters come back as None."""
+    sharded = [key for key, param in params.items() if is_sharded(param)]
+    if sharded:
+        raise ValueError(
+            f"fish_mask: tensor {sharded[0]!r} is already sharded (a DTensor); compute the mask "
+            f"before the model is wrapped by FSDP2, while every rank holds it whole."
+        )

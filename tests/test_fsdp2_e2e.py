@@ -1,0 +1,227 @@
+"""FSDP2 on two CPU processes (gloo) through the real `axolotl train` CLI, LoRA and full-parameter.
+
+accelerate and Axolotl turn FSDP on only for GPUs; the test-only `tests/fsdp_cpu_shim`
+(a `sitecustomize` on the launched processes' PYTHONPATH) lets them take their FSDP2 path on CPU.
+Everything else - Axolotl's FSDP2 wrapping, the Trainer, sharded (DCP) checkpoints, the final
+gathered save, the plugin - is the code a GPU run executes. Checkpoints are sharded folders
+written by both ranks, which is also how the tests see that the run really sharded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from axolotl_run import load_adapter_tensors, run_axolotl, run_axolotl_train, write_config
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from axolotl_fish.distributed import mask_digest
+from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+
+pytestmark = pytest.mark.e2e
+
+SHIM = Path(__file__).parent / "fsdp_cpu_shim"
+LAUNCH = ("--launcher", "accelerate", "--", "--multi_gpu", "--num_processes", "2")
+RANK_FILES = {"__0_0.distcp", "__1_0.distcp"}
+FSDP2 = {
+    "fsdp_version": 2,
+    "fsdp_config": {
+        "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints: one DCP file per rank
+        "final_state_dict_type": "FULL_STATE_DICT",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "reshard_after_forward": True,
+    },
+}
+# Weight decay, clipping and accumulation: the settings under which masked entries could move.
+# Data in file order, so the two ranks' 8 examples are one process's first 16.
+TRAINING = {
+    "curriculum_sampling": True,
+    "plugins": ["axolotl_fish.FishMaskPlugin"],
+    "weight_decay": 0.1,
+    "max_grad_norm": 0.5,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "save_steps": 2,
+}
+# lora_r 1 < 2 ranks: rank 1 holds an empty slice of every lora_A. k is below the lora_B count:
+# lora_A scores are exactly 0 at initialisation, so only real (non-zero) Fisher scores rank
+# entries; masked lora_B entries must stay exactly 0.
+LORA = {
+    **TRAINING,
+    "lora_r": 1,
+    "lora_alpha": 2,
+    "fish_mask": {"keep_ratio": 0.3, "num_samples": 16},
+}
+
+
+def fsdp2_on_cpu() -> dict[str, str]:
+    """What `axolotl train` needs on CPU: gloo processes (ACCELERATE_USE_CPU) plus the shim."""
+    path = os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH")) if p)
+    return {"ACCELERATE_USE_CPU": "1", "FISH_TEST_FSDP_ON_CPU": "1", "PYTHONPATH": path}
+
+
+def train_fsdp2(config: Path) -> str:
+    return run_axolotl_train(config, cwd=config.parent, cli_args=LAUNCH, env=fsdp2_on_cpu()).stdout
+
+
+def sharded_weights(checkpoint: Path) -> Path:
+    return checkpoint / "pytorch_model_fsdp_0"
+
+
+def slices_by_rank_file(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{tensor key: {rank file: offset of the slice it stores}} of a sharded (DCP) checkpoint."""
+    metadata = FileSystemReader(str(sharded_weights(checkpoint))).read_metadata()
+    slices: dict[str, dict[str, tuple[int, ...]]] = {}
+    for index, info in metadata.storage_data.items():
+        key = index.fqn.removeprefix("model.")
+        slices.setdefault(key, {})[info.relative_path] = tuple(index.offset)
+    return slices
+
+
+def gathered_weights(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The full tensors of a sharded (DCP) checkpoint, keyed like the saved adapter/model."""
+    target = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(str(sharded_weights(checkpoint)), str(target))
+    return torch.load(target)["model"]
+
+
+def assert_really_sharded(checkpoint: Path, mask: FishMask, split: str) -> None:
+    """Both ranks wrote a file and every `split` tensor is two different slices, one per rank."""
+    slices = slices_by_rank_file(checkpoint)
+    assert set(slices) == set(mask.masks)
+    assert {file for by_file in slices.values() for file in by_file} == RANK_FILES
+    for key, by_file in slices.items():
+        if split in key:
+            assert set(by_file) == RANK_FILES, (checkpoint, key)
+            assert by_file["__0_0.distcp"][0] == 0 < by_file["__1_0.distcp"][0], (checkpoint, key)
+
+
+def held_digests(log: str) -> dict[str, str]:
+    return dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", log))
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
+    """Two steps under FSDP2; then a resume from checkpoint-2 to step 4 with another keep_ratio
+    in the config (the checkpoint's mask must win); and the same mask computed by one process."""
+    tmp = tmp_path_factory.mktemp("fsdp2_lora")
+    config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **LORA, **FSDP2, max_steps=2)
+    first = train_fsdp2(config)
+    checkpoint_2 = {
+        key: t.clone() for key, t in gathered_weights(tmp / "out/checkpoint-2", tmp).items()
+    }
+    resume = {**LORA, "fish_mask": {"keep_ratio": 0.5, "num_samples": 16}}
+    config = write_config(
+        tmp,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **resume,
+        **FSDP2,
+        max_steps=4,
+        resume_from_checkpoint=str(tmp / "out/checkpoint-2"),
+    )
+    resumed = train_fsdp2(config)
+    single_dir = tmp_path_factory.mktemp("single")
+    single = write_config(single_dir, tiny_llama_dir, alpaca_jsonl, **LORA)
+    run_axolotl(
+        ["fish-mask", "compute", str(single), "--output", str(single_dir / MASK_FILENAME)],
+        single_dir,
+    )
+    return tmp, first, resumed, checkpoint_2, FishMask.load(single_dir)
+
+
+def test_lora_run_really_sharded(lora_runs):
+    tmp, first, _, _, _ = lora_runs
+    mask = FishMask.load(tmp / "out")
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        assert_really_sharded(tmp / "out" / checkpoint, mask, split="lora_B")
+    assert "Saved FSDP2-gathered LoRA adapter" in first
+
+
+def test_every_rank_holds_one_mask_and_the_scores_are_one_process_s(lora_runs):
+    tmp, first, resumed, _, single = lora_runs
+    mask = FishMask.load(tmp / "out")
+    digest = mask_digest(mask.masks)
+    assert held_digests(first) == held_digests(resumed) == {"0": digest, "1": digest}
+    assert mask.metadata["world_size"] == 2 and mask.metadata["num_examples"] == 16
+    assert "Fisher pass: 100%|██████████| 8/8" in first  # rank 0's share
+    assert mask.k == round(0.3 * mask.total) == mask.metadata["k"]
+    for key, keep in single.masks.items():
+        assert torch.equal(mask.masks[key], keep), key
+    # All-zero scores would tie everywhere: entries drawn at random, lora_A ones included.
+    assert "tie_breaks" not in mask.metadata
+    assert not any(keep.any() for key, keep in mask.masks.items() if "lora_A" in key)
+
+
+def test_masked_entries_unchanged_in_every_checkpoint_and_the_final_adapter(lora_runs, tmp_path):
+    tmp, _, _, checkpoint_2, _ = lora_runs
+    out = tmp / "out"
+    mask = FishMask.load(out)
+    saved = {
+        "checkpoint-2": checkpoint_2,
+        "checkpoint-4": gathered_weights(out / "checkpoint-4", tmp_path),
+        "final": load_adapter_tensors(out),
+    }
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
+        assert (folder / MASK_FILENAME).is_file()  # beside the sharded folders, from rank 0
+        assert mask_digest(FishMask.load(folder).masks) == mask_digest(mask.masks), folder
+    for name, adapter in saved.items():
+        assert set(adapter) == set(mask.masks), name
+        for key, keep in mask.masks.items():
+            if "lora_B" in key:  # starts at 0: exactly the k selected entries moved
+                assert not adapter[key][~keep].any(), (name, key)
+                assert adapter[key][keep].all(), (name, key)
+            else:  # no entry selected: frozen
+                assert torch.equal(adapter[key], checkpoint_2[key]), (name, key)
+
+
+def test_resume_keeps_the_checkpoint_s_mask(lora_runs):
+    tmp, _, resumed, _, _ = lora_runs
+    mask = FishMask.load(tmp / "out")
+    assert f"resuming with the mask saved in {tmp / 'out/checkpoint-2' / MASK_FILENAME}" in resumed
+    assert mask.metadata["keep_ratio"] == 0.3  # not the resumed config's 0.5
+
+
+def test_full_parameter_fsdp2_keeps_masked_weights_of_the_base_model(
+    tmp_path, tiny_llama_dir, alpaca_jsonl
+):
+    """No adapter: every weight of the model is a candidate and is sharded."""
+    fish_mask = {"keep_ratio": 0.05, "num_samples": 8}
+    config = write_config(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **TRAINING,
+        **FSDP2,
+        adapter=None,
+        fish_mask=fish_mask,
+        max_steps=2,
+    )
+    assert yaml.safe_load(config.read_text())["fsdp_version"] == 2
+    log = train_fsdp2(config)
+    out = tmp_path / "out"
+    mask = FishMask.load(out)
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    digest = mask_digest(mask.masks)
+    assert held_digests(log) == {"0": digest, "1": digest}
+    assert mask.k == round(0.05 * mask.total) == mask.metadata["k"]
+    assert mask.total == sum(t.numel() for t in base.values())
+    assert_really_sharded(out / "checkpoint-2", mask, split="weight")
+    saved = {
+        "checkpoint-2": gathered_weights(out / "checkpoint-2", tmp_path),
+        "final": load_file(out / "model.safetensors"),
+    }
+    assert mask_digest(FishMask.load(out / "checkpoint-2").masks) == digest
+    for name, weights in saved.items():
+        assert set(weights) == set(base), name
+        for key, keep in mask.masks.items():
+            assert torch.equal(weights[key][~keep], base[key][~keep]), (name, key)
+        moved = sum(int((weights[k] != base[k])[m].sum()) for k, m in mask.masks.items())
+        assert moved > 0.5 * mask.k, name

@@ -1,0 +1,183 @@
+"""FSDP2 (`fully_shard`) on two CPU processes (gloo): the callback follows the sharded parameters.
+
+A toy model whose first dimensions (3 and 1) do not divide by 2: uneven shards, and rank 1 holds
+an empty slice of the last layer. It trains with AdamW weight decay, gradient accumulation and
+clipping; the same masked training in one process is the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_distributed import free_port
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
+from axolotl_fish.sharded import local_mask, parameters_by_name
+
+WORLD = 2
+STEPS = 3
+MICRO_STEPS = 2  # gradient accumulation
+MAX_NORM = 0.05  # small enough that every step clips
+
+
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def toy_mask(model: nn.Module) -> FishMask:
+    """Half the entries of each tensor; the last bias not at all (it stops requiring grad)."""
+    generator = torch.Generator().manual_seed(1)
+    masks = {k: torch.rand(p.shape, generator=generator) < 0.5 for k, p in model.named_parameters()}
+    masks["2.bias"][:] = False
+    return FishMask(masks=masks, metadata={"k": 0})
+
+
+def batch(rank: int, micro: int, step: int) -> torch.Tensor:
+    return torch.randn(
+        4, 5, generator=torch.Generator().manual_seed(100 * step + 10 * micro + rank)
+    )
+
+
+def train(model: nn.Module, callback: FishMaskCallback, ranks: list[int], sync) -> list[float]:
+    """AdamW with weight decay over STEPS steps of MICRO_STEPS micro-batches; the clip norms."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1
+    )
+    norms = []
+    for step in range(STEPS):
+        for micro in range(MICRO_STEPS):
+            sync(micro == MICRO_STEPS - 1)
+            loss = sum(model(batch(rank, micro, step)).square().mean() for rank in ranks)
+            (loss / len(ranks)).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        optimizer.step()
+        callback.on_optimizer_step(None, None, None)
+        optimizer.zero_grad()
+    return norms
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        model = toy_model()
+        mask = toy_mask(model)
+        callback = FishMaskCallback(model, mask)  # before wrapping, as the plugin does
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        state = SimpleNamespace(is_world_process_zero=rank == 0)
+        callback.on_train_begin(SimpleNamespace(output_dir=out_dir), state, None, model=model)
+        params = dict(model.named_parameters())
+        local = {
+            key: {
+                "type": type(p).__name__,
+                "shape": tuple(p.to_local().shape),
+                "mask": local_mask(mask.masks[key], p).shape == p.to_local().shape,
+                "requires_grad": p.requires_grad,
+            }
+            for key, p in params.items()
+        }
+        norms = train(model, callback, [rank], model.set_requires_gradient_sync)
+        try:
+            compute_fish_mask(model, [], FishMaskConfig(keep_ratio=0.5), progress=False)
+        except ValueError as err:
+            Path(out_dir, f"refused{rank}.txt").write_text(str(err))
+        final = {key: p.full_tensor() for key, p in params.items()}
+        torch.save({"local": local, "norms": norms, "final": final}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The same masked training in one process, on both ranks' batches."""
+    model = toy_model()
+    callback = FishMaskCallback(model, toy_mask(model))
+    callback.gradient_mask.snapshot()
+    norms = train(model, callback, list(range(WORLD)), lambda sync: None)
+    return dict(model.named_parameters()), norms
+
+
+def test_parameters_were_sharded_unevenly_with_an_empty_slice(sharded_runs):
+    _, ranks = sharded_runs
+    shapes = [{key: info["shape"] for key, info in run["local"].items()} for run in ranks]
+    assert all(info["type"] == "DTensor" for run in ranks for info in run["local"].values())
+    assert shapes[0] == {"0.weight": (2, 5), "0.bias": (2,), "2.weight": (1, 3), "2.bias": (1,)}
+    assert shapes[1] == {"0.weight": (1, 5), "0.bias": (1,), "2.weight": (0, 3), "2.bias": (0,)}
+    assert all(info["mask"] for run in ranks for info in run["local"].values())
+    assert [run["local"]["2.bias"]["requires_grad"] for run in ranks] == [False, False]
+
+
+def test_masked_entries_bitwise_unchanged_and_selected_ones_train_as_in_one_process(
+    sharded_runs, one_process
+):
+    _, ranks = sharded_runs
+    reference, _ = one_process
+    initial = dict(toy_model().named_parameters())
+    mask = toy_mask(toy_model())
+    for run in ranks:
+        for key, keep in mask.masks.items():
+            final = run["final"][key]
+            assert torch.equal(final[~keep], initial[key][~keep]), key
+            assert (final[keep] != initial[key][keep]).all(), key
+            torch.testing.assert_close(final, reference[key].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_norm_counts_only_trainable_entries(sharded_runs, one_process):
+    """Equal to one process's norm over masked gradients; a frozen entry's gradient would add."""
+    _, ranks = sharded_runs
+    _, norms = one_process
+    for run in ranks:
+        torch.testing.assert_close(run["norms"], norms, rtol=1e-5, atol=0)
+    assert all(norm > MAX_NORM for norm in norms)
+
+
+def test_mask_written_by_rank_zero_and_scoring_a_sharded_model_is_refused(sharded_runs):
+    out, _ = sharded_runs
+    mask = toy_mask(toy_model())
+    saved = FishMask.load(out)
+    assert all(torch.equal(saved.masks[key], keep) for key, keep in mask.masks.items())
+    for rank in range(WORLD):
+        message = (out / f"refused{rank}.txt").read_text()
+        assert "already sharded (a DTensor)" in message and "before the model is wrapped" in message
+
+
+def test_local_mask_of_a_plain_tensor_is_the_mask():
+    mask = torch.tensor([True, False])
+    assert torch.equal(local_mask(mask, torch.zeros(2)), mask)
+    assert not isinstance(local_mask(mask, torch.zeros(2)), DTensor)
+
+
+def test_parameters_are_found_by_name_through_activation_checkpointing_wrappers():
+    """accelerate's FSDP2 activation checkpointing inserts `_checkpoint_wrapped_module`."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = toy_model()
+    names = {"first.weight": "0.weight", "last.bias": "2.bias"}
+    model[0] = checkpoint_wrapper(model[0])
+    assert "0._checkpoint_wrapped_module.weight" in dict(model.named_parameters())
+    found = parameters_by_name(model, names)
+    assert found["first.weight"] is model[0]._checkpoint_wrapped_module.weight
+    assert found["last.bias"] is model[2].bias
+    with pytest.raises(ValueError, match=r"parameter '1.weight' \(1 in all\) is gone"):
+        parameters_by_name(model, {"x": "1.weight"})
