@@ -73,7 +73,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         model = toy_model()
         mask = toy_mask(model)
-        callback = FishMaskCallback(model, mask)  # before wrapping, as the plugin does
+        # Before wrapping, as the plugin does; dense masked training, as the plugin under FSDP2.
+        callback = FishMaskCallback(model, mask, sparse=False)
         mesh = init_device_mesh("cpu", (WORLD,))
         for layer in (model[0], model[2]):
             fully_shard(layer, mesh=mesh)
@@ -112,8 +113,9 @@ def sharded_runs(tmp_path_factory):
 def one_process():
     """The same masked training in one process, on both ranks' batches."""
     model = toy_model()
-    callback = FishMaskCallback(model, toy_mask(model))
-    callback.gradient_mask.snapshot()
+    callback = FishMaskCallback(model, toy_mask(model), sparse=False)
+    not_main = SimpleNamespace(is_world_process_zero=False)  # writes no mask file
+    callback.on_train_begin(SimpleNamespace(output_dir=""), not_main, None)
     norms = train(model, callback, list(range(WORLD)), lambda sync: None)
     return dict(model.named_parameters()), norms
 
