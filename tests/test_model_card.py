@@ -135,20 +135,21 @@ class HubRecorder:
         return done if run_as_future else None
 
 
+# Two saves and two checkpoint pushes, then Axolotl's push_to_hub at the end.
+PUSHING_RUN = {
+    "plugins": ["axolotl_fish.FishMaskPlugin"],
+    "max_steps": 2,
+    "save_steps": 1,
+    "hub_model_id": "fish-org/tiny-fish",
+    "hub_strategy": "checkpoint",
+}
+
+
 @pytest.mark.e2e
 def test_a_pushed_adapter_carries_its_mask_and_card(tmp_path, tiny_llama_dir, alpaca_jsonl):
     fish_mask = {"keep_ratio": 0.5, "num_samples": 8, "seed": 3}
-    config = write_config(
-        tmp_path,
-        tiny_llama_dir,
-        alpaca_jsonl,
-        plugins=["axolotl_fish.FishMaskPlugin"],
-        fish_mask=fish_mask,
-        max_steps=2,
-        save_steps=1,
-        hub_model_id="fish-org/tiny-fish",
-        hub_strategy="checkpoint",
-    )
+    settings = {**PUSHING_RUN, "fish_mask": fish_mask}
+    config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **settings)
     hub = HubRecorder()
     with mock.patch("transformers.trainer.hf_api", lambda: hub):
         train_in_process(config)
