@@ -527,28 +527,22 @@ class Runner:
                 "plateau_tol": self.args.plateau_tol,
                 "plateau_step": plateau_step(points, self.args.plateau_tol),
             }
-        elif job.kind == "grid":
-            source = self.curve_checkpoint(job)
-            if source is None:
-                timing = train(config_for(job, task, self.args), run_dir, self.args.threads)
-                source = run_dir
-            else:
-                timing = {"wall_seconds": 0.0, "train_runtime": 0.0, "from_curve": str(source)}
-            val = self.scorer(job.task, "val").correct(source)
-            row |= timing | mask_facts(source, job.method) | {"val_acc": float(val.float().mean())}
         else:
-            source = self.grid_adapter(job)
-            if source is None:
+            # grid: validation; test: the test split, with per-row correctness for the pairing.
+            grid = job.kind == "grid"
+            reused = self.curve_checkpoint(job) if grid else self.grid_adapter(job)
+            if reused is None:
                 timing = train(config_for(job, task, self.args), run_dir, self.args.threads)
                 source = run_dir
             else:
-                timing = {"wall_seconds": 0.0, "train_runtime": 0.0, "from_grid": str(source)}
-            test = self.scorer(job.task, "test").correct(source)
-            row |= (
-                timing
-                | mask_facts(source, job.method)
-                | {"test_acc": float(test.float().mean()), "test_correct": bits(test)}
-            )
+                source = reused
+                timing = {"wall_seconds": 0.0, "train_runtime": 0.0, "reused": str(reused)}
+            split = "val" if grid else "test"
+            correct = self.scorer(job.task, split).correct(source)
+            row |= timing | mask_facts(source, job.method)
+            row[f"{split}_acc"] = float(correct.float().mean())
+            if not grid:
+                row["test_correct"] = bits(correct)
         self.results.append(row)
         value = row.get("val_acc", row.get("test_acc", row.get("plateau_step")))
         return f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed}: {value}"
@@ -569,8 +563,8 @@ class Runner:
         ):
             if row["steps"] == job.steps:
                 return (
-                    Path(row["from_curve"])
-                    if "from_curve" in row
+                    Path(row["reused"])
+                    if "reused" in row
                     else Job("grid", job.task, job.method, job.lr, job.seed, job.steps).run_dir(
                         self.args.work
                     )

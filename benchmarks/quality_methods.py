@@ -112,18 +112,32 @@ def method_table(r: int, shapes: LoraShapes, warmup: int) -> list[Method]:
             for strategy in ("fisher", "random")
         ],
         Method(f"reverse r{2 * r}->r{r}", lora(2 * r, match_rank=r, strategy="reverse"), 3),
+        Method(
+            f"fisher r{2 * r}->r{r}, warm-up {warmup} kept",
+            lora(
+                2 * r,
+                match_rank=r,
+                strategy="fisher",
+                warmup_steps=warmup,
+                restore_after_warmup=False,
+            ),
+            3,
+            notes="restore_after_warmup: false - not an equal budget (every entry moved during "
+            "the warm-up); for the restore_after_warmup default only",
+        ),
     ]
 
 
 def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str, str]]:
     """(method, against, question) pairs that get a paired bootstrap interval, besides every
     method against dense LoRA r (the first method)."""
+    warm = f"fisher r{2 * r}->r{r}, warm-up {warmup}+restore"
     fa = next((m.name for m in table if m.only_factor == "lora_B"), "LoRA-FA (not in the table)")
     fisher_vs_random = [
         (f"fisher r{2 * r}->r{r}", f"random r{2 * r}->r{r}"),
         # random's mask ignores the warm-up and restore puts every entry back: the random r2r
         # run is the warm-up row's equal-k random control.
-        (f"fisher r{2 * r}->r{r}, warm-up {warmup}+restore", f"random r{2 * r}->r{r}"),
+        (warm, f"random r{2 * r}->r{r}"),
         (f"fisher r{4 * r}->r{r}", f"random r{4 * r}->r{r}"),
         (f"fisher r{r} keep 2%", f"random r{r} keep 2%"),
         (f"fisher r{r} keep 0.5%", f"random r{r} keep 0.5%"),
@@ -131,6 +145,17 @@ def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str
     return [
         *[(a, b, "Fisher vs random selection, same k") for a, b in fisher_vs_random],
         (f"fisher r{2 * r}->r{r}", fa, "fisher at init vs LoRA-FA"),
+        (warm, f"fisher r{2 * r}->r{r}", "default warmup_steps: warm-up+restore vs at init"),
+        (
+            f"fisher r{2 * r}->r{r}, per_matrix",
+            f"fisher r{2 * r}->r{r}",
+            "default scope: per_matrix vs global",
+        ),
+        (
+            f"fisher r{2 * r}->r{r}, warm-up {warmup} kept",
+            warm,
+            "default restore_after_warmup: false vs true",
+        ),
         (f"fisher r{r} keep 2%", "dense LoRA r1", "below rank 1 vs dense r1"),
         (f"fisher r{r} keep 0.5%", "dense LoRA r1", "below rank 1 vs dense r1"),
     ]
