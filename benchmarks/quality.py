@@ -278,7 +278,12 @@ def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
     if result.returncode != 0:
         raise RuntimeError(f"axolotl train failed for {config_path}:\n{text[-3000:]}")
     found = re.findall(r"'train_runtime': '?([0-9.]+)", text)
-    timing = {"wall_seconds": round(wall, 1), "train_runtime": float(found[-1]) if found else wall}
+    timing = {
+        "wall_seconds": round(wall, 1),
+        "train_runtime": float(found[-1]) if found else wall,
+        # The machine is shared: the 15-minute load average at the end says how much.
+        "load_avg_15min": round(os.getloadavg()[2], 1),
+    }
     write_atomic(done, json.dumps(timing))
     return timing
 

@@ -7,6 +7,7 @@ only as its paired bootstrap interval allows (quality_stats.Difference.claim).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,8 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
     lines += [
         "",
         f"Measurement (a), {measure['task']}: {measure['seconds_per_step']:.2f} s per step at "
-        f"micro-batch {args.micro_batch} ({args.threads} torch thread), start-up "
+        f"micro-batch {args.micro_batch} ({args.threads} torch thread; 15-minute load average "
+        f"{measure.get('load_avg_15min', '?')} on the {os.cpu_count()} cores), start-up "
         f"{measure['startup_seconds']:.0f} s per `axolotl train`, scoring "
         f"{measure['val_rows_per_second']:.1f} rows/s (model load included); training rows "
         f"{measure['tokens']['rows']:,}, "
@@ -263,9 +265,13 @@ def plot_differences(diffs: dict[str, dict[str, Difference]], dense: str, out: P
         high = [100 * (diffs[task][n].high - diffs[task][n].mean) for n in names]
         ax.errorbar(means, range(len(names)), xerr=[low, high], fmt="o", capsize=3)
         ax.axvline(0, color="grey", linestyle="--")
-        ax.set_yticks(range(len(names)), [f"{n} ({diffs[task][n].seeds} seeds)" for n in names])
+        seeds = [diffs[task][n].seeds for n in names]
+        ax.set_yticks(
+            range(len(names)),
+            [f"{n} ({k} seed{'' if k == 1 else 's'})" for n, k in zip(names, seeds, strict=True)],
+        )
         ax.invert_yaxis()
-        ax.set_xlabel(f"test accuracy - {dense}, points (paired bootstrap 95% CI)")
+        ax.set_xlabel(f"test accuracy - {dense}, points\n(paired bootstrap 95% interval)")
         ax.set_title(task)
     fig.tight_layout()
     fig.savefig(out / "quality_methods.png", dpi=110)
@@ -283,7 +289,7 @@ def write_report(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The protocol and how to read this "
         "page: [benchmarks.md](benchmarks.md#quality-at-equal-budget). A claim appears only where "
         f"{3} seeds are in and the interval allows it; 'matches' means the whole interval lies "
-        f"within +-{100 * args.margin:g} points.",
+        f"within +-{100 * args.margin:g} point(s).",
         "",
         "## Status",
         "",
