@@ -58,6 +58,7 @@ OFFLINE = {
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }
+MAX_FAILURES_IN_A_ROW = 3
 DEFAULT_TASKS = {
     "sentiment": CACHE / "sentiment",  # 2 labels, movie reviews (the demo's)
     "snippet-source": CACHE / "snippet-source",  # 4 labels: movie, tweet, product, news
@@ -381,6 +382,7 @@ class Protocol:
         self.args = args
         self.results = results
         self.table = table
+        self.failed: set[tuple] = set()
 
     def steps(self, task: str) -> int | None:
         if self.args.steps:
@@ -448,11 +450,10 @@ class Protocol:
                         yield Job("test", task, method, chosen, seed, steps)
 
     def done(self, job: Job) -> bool:
-        """Recorded, or failed (a failed run is reported, not retried in this pass)."""
+        """Recorded, or failed in this process (a rerun of the command retries failures)."""
         match = {"task": job.task, "method": job.method.name, "lr": job.lr, "seed": job.seed}
-        return bool(
+        return job.key in self.failed or bool(
             self.results.find(kind=job.kind, steps=job.steps, **match)
-            or self.results.find(kind="failed", job_kind=job.kind, steps=job.steps, **match)
         )
 
     def next_job(self) -> Job | None:
@@ -644,6 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=Path("docs/quality_protocol.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--report", action="store_true", help="no training: rebuild the report")
+    parser.add_argument(
+        "--plan", action="store_true", help="no training: list the runs that can start now"
+    )
     args = parser.parse_args(argv)
     if args.data is not None:
         args.task_names = [args.data.stem if args.data.stem != "train" else args.data.parent.name]
@@ -695,7 +699,14 @@ def main(argv: list[str] | None = None) -> None:
     results = Results(args.results, protocol_settings(args))
     protocol = Protocol(args, results, table)
     runner = Runner(args, results, tasks)
-    count, start = 0, time.perf_counter()
+    if args.plan:
+        for job in (job for job in protocol.jobs() if not protocol.done(job)):
+            print(
+                f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed} "
+                f"steps {job.steps}"
+            )
+        return
+    count, failures, start = 0, 0, time.perf_counter()
     while not args.report and (args.max_jobs is None or count < args.max_jobs):
         job = protocol.next_job()
         if job is None:
@@ -707,8 +718,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         try:
             outcome = runner.run(job)
+            failures = 0
         except (RuntimeError, OSError, ValueError) as err:
-            # One broken method must not stop an unattended sweep: record it, go on.
+            # One broken method must not stop an unattended sweep: record it, go on; several
+            # in a row mean the environment is broken (e.g. the venv is being reinstalled).
+            protocol.failed.add(job.key)
+            failures += 1
             results.append(
                 {
                     **runner.base_row(job),
@@ -718,6 +733,9 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
             outcome = f"FAILED: {str(err)[-300:]}"
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                message = f"{failures} runs failed in a row; stopping (last: {outcome})"
+                raise SystemExit(message) from err
         count += 1
         print(
             f"  -> {outcome}; {count} runs in {(time.perf_counter() - start) / 60:.1f} min",

@@ -296,9 +296,15 @@ def write_report(
     ]
     for task in args.task_names:
         lines += status(protocol, table, task, rows)
-    failed = [r for r in rows if r["kind"] == "failed"]
+    keys = ("task", "method", "lr", "seed", "steps")
+    succeeded = {(r["kind"], *(r.get(k) for k in keys)) for r in rows}
+    failed = [
+        r
+        for r in rows
+        if r["kind"] == "failed" and (r["job_kind"], *(r[k] for k in keys)) not in succeeded
+    ]
     if failed:
-        lines += ["", "Failed runs (not retried automatically; delete the line to retry):", ""]
+        lines += ["", "Failed runs (a rerun of the command retries them):", ""]
         lines += [
             f"- {r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}: {r['error'][-200:]}"
             for r in failed
