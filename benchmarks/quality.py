@@ -59,6 +59,7 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 MAX_FAILURES_IN_A_ROW = 3
+ENVIRONMENT_RETRIES = 60  # one a minute
 DEFAULT_TASKS = {
     "sentiment": CACHE / "sentiment",  # 2 labels, movie reviews (the demo's)
     "snippet-source": CACHE / "snippet-source",  # 4 labels: movie, tweet, product, news
@@ -255,7 +256,9 @@ def config_for(job: Job, task: Task, args: argparse.Namespace, save_every: int =
 
 def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
     """`axolotl train` in a subprocess (log: run_dir/train.log), unless a finished one is there.
-    Returns wall seconds and the trainer's own train_runtime."""
+    Returns wall seconds and the trainer's own train_runtime. A run that cannot even start
+    because the environment is missing pieces (a shared venv being reinstalled) is retried
+    every minute for up to an hour instead of failing."""
     done = run_dir / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -265,19 +268,30 @@ def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(threads)}
     env["MKL_NUM_THREADS"] = str(threads)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    start = time.perf_counter()
-    with (run_dir / "train.log").open("w") as log:
-        result = subprocess.run(
-            [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    wall = time.perf_counter() - start
-    text = (run_dir / "train.log").read_text()
-    if result.returncode != 0:
-        raise RuntimeError(f"axolotl train failed for {config_path}:\n{text[-3000:]}")
+    axolotl = Path(sys.executable).parent / "axolotl"
+    for attempt in range(ENVIRONMENT_RETRIES + 1):
+        start = time.perf_counter()
+        with (run_dir / "train.log").open("w") as log:
+            result = (
+                subprocess.run(
+                    [str(axolotl), "train", str(config_path)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                if axolotl.is_file()
+                else None
+            )
+        wall = time.perf_counter() - start
+        text = (run_dir / "train.log").read_text()
+        broken = result is None or re.search(r"ModuleNotFoundError|ImportError", text)
+        if result is not None and result.returncode == 0:
+            break
+        if not broken or attempt == ENVIRONMENT_RETRIES:
+            raise RuntimeError(f"axolotl train failed for {config_path}:\n{text[-3000:]}")
+        print(f"  environment incomplete ({axolotl} missing or an import failed); retry in 60 s")
+        time.sleep(60)
     found = re.findall(r"'train_runtime': '?([0-9.]+)", text)
     timing = {
         "wall_seconds": round(wall, 1),
@@ -671,6 +685,11 @@ def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Everything the sweep needs later is imported now: a long sweep must survive its venv
+    # being reinstalled underneath it (the training subprocesses wait for it, see train()).
+    import matplotlib.pyplot  # noqa: F401  (the report's plots)
+    import peft  # noqa: F401  (loading adapters to score them)
+    from axolotl.prompters import AlpacaPrompter  # noqa: F401
     from quality_report import write_report
 
     args = parse_args(argv)
