@@ -172,7 +172,7 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
     wall = sum(r.get("wall_seconds", 0.0) for r in trained)
     measure = next((r for r in rows if r["kind"] == "measure"), None)
     lines = [
-        f"Compute so far: {len(trained)} recorded runs, `axolotl train` wall time "
+        f"Compute so far: {len(trained)} recorded run(s), `axolotl train` wall time "
         f"{wall / 3600:.2f} h in all (scoring not included), on {machine()}."
     ]
     if measure is None:
@@ -181,12 +181,13 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
     per_step = measure["seconds_per_step"]
     fisher_pass = args.num_samples / args.micro_batch * per_step  # about a training step each
     remaining = 0.0
-    runs_left = 0
+    runs_left = rows_left = 0
     for task in args.task_names:
         steps = protocol.steps(task) or args.curve_steps // 2
         if protocol.steps(task) is None and not args.steps:
             remaining += args.curve_steps * per_step + measure["startup_seconds"]
             runs_left += 1
+            rows_left += args.curve_steps // args.curve_every * args.val_size
         for method in table:
             grid = protocol.grid(task, method, steps)
             todo = [lr for lr in (method.lrs or args.lrs) if lr not in grid]
@@ -196,6 +197,8 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
                 if r["kind"] == "test" and r["task"] == task and r["method"] == method.name
             }
             todo_runs = len(todo) + len([s for s in args.seeds if s not in tested and s != 0])
+            rows_left += len(todo) * args.val_size
+            rows_left += len([s for s in args.seeds if s not in tested]) * args.test_size
             extra = 0.0 if method.dense else fisher_pass * (2 if "warm-up" in method.name else 1)
             remaining += todo_runs * (steps * per_step + measure["startup_seconds"] + extra)
             runs_left += todo_runs
@@ -211,10 +214,12 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
         f"{measure['tokens']['p95']} (sequence_len {args.sequence_len}: nothing truncated"
         + ("" if measure["tokens"]["max"] <= args.sequence_len else " - NO, rows are dropped")
         + ").",
-        f"Projection: about {runs_left} trainings left, about {remaining / 3600:.1f} h of "
-        "`axolotl train` at that speed (grids counted at their starting LRs; edge extensions "
-        "and scoring come on top; where the curve has not chosen S yet, S is taken as half "
-        f"of --curve-steps = {args.curve_steps // 2}).",
+        f"Projection at these speeds: about {runs_left} trainings left, about "
+        f"{remaining / 3600:.1f} h of `axolotl train`, plus about "
+        f"{rows_left / measure['val_rows_per_second'] / 3600:.1f} h of scoring "
+        f"({rows_left:,} rows); grids counted at their starting LRs (edge extensions come on "
+        "top); where the curve has not chosen S yet, S is taken as half of --curve-steps "
+        f"= {args.curve_steps // 2}.",
         "",
     ]
     return lines
