@@ -760,8 +760,8 @@ def main(argv: list[str] | None = None) -> None:
             f"  -> {outcome}; {count} runs in {(time.perf_counter() - start) / 60:.1f} min",
             flush=True,
         )
-        write_report(args, results, protocol, table, tasks)
-    write_report(args, results, protocol, table, tasks)
+        write_report(args, results, protocol, table)
+    write_report(args, results, protocol, table)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def plot_differences(diffs: dict[str, dict[str, Difference]], dense: str, out: P
 
 
 def write_report(
-    args: argparse.Namespace, results: Any, protocol: Any, table: list[Method], tasks: dict
+    args: argparse.Namespace, results: Any, protocol: Any, table: list[Method]
 ) -> None:
     rows = results.mine()
     lines = [
