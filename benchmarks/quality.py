@@ -1,15 +1,31 @@
-"""Equal-budget quality benchmark: dense LoRA vs LoRA-FISH vs random vs reverse masks.
+"""Equal-budget quality protocol: dense LoRA vs LoRA-FISH vs its controls, tuned and seeded.
 
-Every run is a real `axolotl train` of a generated config with the plugin, on the demo model and
-data (`make demo` builds them). Held-out accuracy is scored by label log-likelihood: for each
-test prompt the model's summed log-probability of every label (plus EOS) is compared, and the
-most likely label is the prediction; no generation, no parsing.
+Every training is a real `axolotl train` of a generated config with the plugin, on the demo model
+(`make demo` builds it). Held-out accuracy is scored by label log-likelihood: for each prompt the
+model's summed log-probability of every label (plus EOS) is compared and the most likely label is
+the prediction; no generation, no parsing.
 
-Results go to `<out>/quality_runs.jsonl` one line per finished run, so an interrupted benchmark
-resumes where it stopped; the table and plots are rebuilt from that file at the end.
+The protocol runs in phases, per task, in the order that settles the main questions first:
 
-    .venv/bin/python benchmarks/quality.py            # default: 3 seeds, about 90 min on 2 cores
-    .venv/bin/python benchmarks/quality.py --quick    # smoke check: 1 seed, fewer runs
+  a. measure   one short dense run: seconds per step, start-up, scoring speed, token lengths
+  b. curve     dense LoRA at one LR, a checkpoint every --curve-every steps, each scored on the
+               validation split; the run length S of every later run is the first checkpoint
+               within --plateau-tol of the best (the plateau), unless --steps is given
+  c. grid      per method (benchmarks/quality_methods.py), seed 0, S steps, LRs from the ladder
+               1e-4, 3e-4, 1e-3, 3e-3, 1e-2, ...: --lrs first, one more step past an edge while
+               the best validation accuracy is at that edge
+  d. seeds     the chosen LR (best validation accuracy; ties go to the lower LR) scored on the
+               test split for seed 0 (the grid run) and trained + scored for the other seeds
+  e. report    docs/quality.md and plots, rebuilt after every run: per-seed values, means,
+               paired bootstrap 95% intervals against dense LoRA and of Fisher vs random
+
+Methods come in tiers; the order is task 1 tier 1, task 2 tier 1, task 1 tier 2, ... Every
+finished run is one line in the results file (rewritten atomically); a rerun of the same command
+skips what is there and continues, and a training whose run folder is complete is not redone.
+
+    .venv/bin/python benchmarks/quality.py                 # the protocol, resumable
+    .venv/bin/python benchmarks/quality.py --report        # rebuild the report only
+    .venv/bin/python benchmarks/quality.py --data my.jsonl --test my_test.jsonl   # your data
 """
 
 from __future__ import annotations
@@ -17,19 +33,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
-import statistics
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from common import CACHE, TARGETS, machine
+from common import CACHE, TARGETS
+from quality_methods import LR_WARMUP_STEPS, Method, lora_shapes, method_table
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {
@@ -39,128 +58,77 @@ OFFLINE = {
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }
+MAX_FAILURES_IN_A_ROW = 3
+ENVIRONMENT_RETRIES = 60  # one a minute
+DEFAULT_TASKS = {
+    "sentiment": CACHE / "sentiment",  # 2 labels, movie reviews (the demo's)
+    "snippet-source": CACHE / "snippet-source",  # 4 labels: movie, tweet, product, news
+}
+
+
+@dataclass
+class Task:
+    name: str
+    train_file: Path  # the training rows, validation rows removed
+    val: list[dict]
+    test: list[dict]
 
 
 @dataclass(frozen=True)
-class Method:
-    """One training configuration: a LoRA rank and its `fish_mask:` block.
-
-    Dense LoRA runs also carry the plugin, with `keep_ratio: 1.0, strategy: random` (every entry
-    trains, no Fisher pass): the plugin seeds the adapter's initialisation, which plain Axolotl
-    does not, so every method of one seed starts from the same adapter and sees the same batches.
-    """
-
-    name: str
-    rank: int
-    fish_mask: dict[str, Any]
-    group: str  # "equal budget" | "sweep" | "reference"
-    in_sweep: bool = False
+class Job:
+    kind: str  # measure | curve | grid | test
+    task: str
+    method: Method
+    lr: float
+    seed: int
+    steps: int
 
     @property
-    def strategy(self) -> str:
-        return "dense" if self.fish_mask.get("keep_ratio") == 1.0 else self.fish_mask["strategy"]
+    def key(self) -> tuple:
+        return (self.kind, self.task, self.method.name, self.lr, self.seed, self.steps)
 
-    @property
-    def remedy(self) -> str:
-        if not self.fish_mask.get("warmup_steps"):
-            return "none"
-        return "warm-up+restore" if self.fish_mask["restore_after_warmup"] else "warm-up"
+    def run_dir(self, work: Path) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9.%+-]+", "_", self.method.name).strip("_")
+        return work / self.task / self.kind / slug / f"lr{self.lr:g}_seed{self.seed}_n{self.steps}"
 
 
-DENSE = {"keep_ratio": 1.0, "strategy": "random"}
+# ---------------------------------------------------------------- data and scoring
 
 
-def methods(rank: int, warmup: int, ratios: list[float], quick: bool) -> list[Method]:
-    """Dense rank r; rank 2r masked to rank r's entry count by each strategy, with and without
-    the zero-B remedies; a keep-ratio sweep of LoRA-FISH at rank 2r (warm-up + restore)."""
-    remedies: list[tuple[str, dict[str, Any]]] = [
-        ("", {}),
-        (f", warm-up {warmup}+restore", {"warmup_steps": warmup, "restore_after_warmup": True}),
-        (f", warm-up {warmup} kept", {"warmup_steps": warmup, "restore_after_warmup": False}),
-    ]
-    strategies = ("fisher", "random") if quick else ("fisher", "random", "reverse")
-    out = [Method(f"dense LoRA r{rank}", rank, DENSE, "equal budget")]
-    for index, (suffix, remedy) in enumerate(remedies[: 2 if quick else 3]):
-        # Without restore every entry moved during the warm-up: only fisher vs random is asked.
-        for strategy in strategies[:2] if index == 2 else strategies:
-            out.append(
-                Method(
-                    f"{strategy} r{2 * rank}->r{rank}{suffix}",
-                    2 * rank,
-                    {"match_rank": rank, "strategy": strategy, **remedy},
-                    "equal budget",
-                    in_sweep=strategy == "fisher" and index == 1,
-                )
-            )
-    for ratio in ratios:
-        mask = {"keep_ratio": ratio, "strategy": "fisher", **remedies[1][1]}
-        out.append(Method(f"fisher r{2 * rank} keep {ratio:g}", 2 * rank, mask, "sweep", True))
-    out.append(Method(f"dense LoRA r{2 * rank}", 2 * rank, DENSE, "reference", True))
-    return out
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def config_for(method: Method, seed: int, args: argparse.Namespace, out_dir: Path) -> dict:
-    """An ordinary Axolotl LoRA config; only `lora_r` and `fish_mask` vary between methods."""
-    fish_mask = {"num_samples": args.num_samples, "seed": seed, **method.fish_mask}
-    return {
-        "base_model": str(args.model.resolve()),
-        "datasets": [{"path": str(args.train_file.resolve()), "ds_type": "json", "type": "alpaca"}],
-        "dataset_prepared_path": str((args.work / "prepared").resolve()),
-        "val_set_size": 0,
-        "sequence_len": 256,
-        "pad_to_multiple_of": 8,
-        "adapter": "lora",
-        "lora_r": method.rank,
-        "lora_alpha": 2 * method.rank,
-        "lora_dropout": 0.05,
-        "lora_target_modules": TARGETS,
-        "plugins": ["axolotl_fish.FishMaskPlugin"],
-        "fish_mask": fish_mask,
-        "micro_batch_size": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "max_steps": args.steps,
-        "optimizer": "adamw_torch",
-        "learning_rate": args.lr,
-        "lr_scheduler": "cosine",
-        "warmup_steps": max(1, args.steps // 10),
-        "weight_decay": 0.0,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        "seed": seed,
-        "output_dir": str(out_dir.resolve()),
-        "logging_steps": 5,
-        "save_strategy": "no",  # the final adapter and mask are written to output_dir anyway
-    }
-
-
-def train(config: dict, run_dir: Path) -> float:
-    """`axolotl train` in a subprocess; the log goes to run_dir/train.log. Returns wall seconds."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, **OFFLINE}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    start = time.perf_counter()
-    with (run_dir / "train.log").open("w") as log:
-        result = subprocess.run(
-            [str(Path(sys.executable).parent / "axolotl"), "train", str(config_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    if result.returncode != 0:
-        tail = (run_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"axolotl train failed for {config_path}:\n{tail}")
-    return time.perf_counter() - start
+def load_task(name: str, data: Path, test: Path | None, args: argparse.Namespace) -> Task:
+    """Validation rows come from the training file (a seeded draw, removed from training);
+    test rows from `test` or, without it, a seeded draw from the data before that."""
+    rows = read_jsonl(data)
+    random.Random(0).shuffle(rows)
+    if test is None:
+        held, rows = rows[: args.test_size], rows[args.test_size :]
+    else:
+        held = read_jsonl(test)
+        random.Random(0).shuffle(held)
+        held = held[: args.test_size]
+    if len(held) < 500:
+        print(f"warning: {name}: {len(held)} test rows, fewer than the protocol's 500", flush=True)
+    val, train = rows[: args.val_size], rows[args.val_size :]
+    overlap = {r["input"] for r in held} & {r["input"] for r in train + val}
+    if overlap:
+        print(f"warning: {name}: {len(overlap)} test inputs also occur in training data")
+    train_file = args.work / name / "train.jsonl"
+    train_file.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row) + "\n" for row in train)
+    if not train_file.is_file() or train_file.read_text() != text:
+        train_file.write_text(text)
+    return Task(name, train_file, val, held)
 
 
 class LabelScorer:
-    """Held-out accuracy by comparing the log-likelihood of each label after the prompt.
+    """Held-out correctness by comparing the log-likelihood of each label after the prompt.
 
     Each prompt is read once (left-padded, positions counted from its first real token) and every
-    label continues from a copy of its key/value cache: the cost is one forward per test row.
+    label continues from a copy of its key/value cache: the cost is one forward per row.
     """
 
     def __init__(self, model_path: Path, rows: list[dict], batch: int = 16) -> None:
@@ -194,13 +162,13 @@ class LabelScorer:
         return model.eval()
 
     @torch.no_grad()
-    def accuracy(self, adapter_dir: Path | None) -> float:
+    def correct(self, adapter_dir: Path | None) -> torch.Tensor:
+        """[rows] bool: whether the most likely label is the gold one."""
         model = self.load(adapter_dir)
         scores = []
         for start in range(0, len(self.prompts), self.batch):
             scores.append(self._label_logprobs(model, self.prompts[start : start + self.batch]))
-        predicted = torch.cat(scores).argmax(dim=1)
-        return float((predicted == self.gold).float().mean())
+        return torch.cat(scores).argmax(dim=1) == self.gold
 
     def _label_logprobs(self, model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
         """[rows, labels]: summed log-probability of each label's tokens after each prompt."""
@@ -232,248 +200,568 @@ class LabelScorer:
         return torch.stack(columns, dim=1)
 
 
-def split(args: argparse.Namespace) -> tuple[Path, list[dict]]:
-    """The training file and the held-out rows: `--test`, or a seeded split of `--data`."""
-    if args.test is not None:
-        rows = [json.loads(line) for line in args.test.read_text().splitlines() if line.strip()]
-        random.Random(0).shuffle(rows)
-        return args.data, rows[: args.eval_size]
-    lines = [line for line in args.data.read_text().splitlines() if line.strip()]
-    random.Random(0).shuffle(lines)
-    held_out, kept = lines[: args.eval_size], lines[args.eval_size :]
-    train_file = args.work / "train.jsonl"
-    train_file.parent.mkdir(parents=True, exist_ok=True)
-    train_file.write_text("\n".join(kept) + "\n")
-    return train_file, [json.loads(line) for line in held_out]
+def bits(correct: torch.Tensor) -> str:
+    return "".join("1" if c else "0" for c in correct.tolist())
 
 
-def mask_counts(run_dir: Path) -> tuple[int, int]:
-    """(k, total) from the saved mask's metadata."""
-    from safetensors import safe_open
-
-    with safe_open(run_dir / "fish_mask.safetensors", "pt") as f:
-        meta = f.metadata()
-    return int(meta["k"]), int(meta["total"])
+# ---------------------------------------------------------------- training
 
 
-def load_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def config_for(job: Job, task: Task, args: argparse.Namespace, save_every: int = 0) -> dict:
+    """An ordinary Axolotl config; the method's fragment is merged over it."""
+    fragment = copy.deepcopy(job.method.config)
+    fish_mask = fragment.pop("fish_mask", None)
+    config: dict[str, Any] = {
+        "base_model": str(args.model.resolve()),
+        "datasets": [{"path": str(task.train_file.resolve()), "ds_type": "json", "type": "alpaca"}],
+        "dataset_prepared_path": str((args.work / task.name / "prepared").resolve()),
+        "val_set_size": 0,
+        "sequence_len": args.sequence_len,
+        "pad_to_multiple_of": 8,
+        "lora_dropout": 0.05,
+        "lora_target_modules": TARGETS,
+        "micro_batch_size": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "max_steps": job.steps,
+        "optimizer": "adamw_torch",
+        "learning_rate": job.lr,
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_steps": LR_WARMUP_STEPS,
+        "weight_decay": 0.0,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "seed": job.seed,
+        "output_dir": str(job.run_dir(args.work).resolve()),
+        "logging_steps": 10,
+        "save_strategy": "steps" if save_every else "no",
+        # A long run with checkpoints (the curve) resumes from its last one after a kill.
+        **(
+            {
+                "save_steps": save_every,
+                "auto_resume_from_checkpoints": True,
+            }
+            if save_every
+            else {}
+        ),
+        **fragment,
+    }
+    if config.get("adapter") == "lora":
+        config["lora_alpha"] = 2 * config["lora_r"]
+    if fish_mask is not None:
+        config["plugins"] = ["axolotl_fish.FishMaskPlugin"]
+        config["fish_mask"] = {"num_samples": args.num_samples, "seed": job.seed, **fish_mask}
+    return config
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
+    """`axolotl train` in a subprocess (log: run_dir/train.log), unless a finished one is there.
+    Returns wall seconds and the trainer's own train_runtime. A run that cannot even start
+    because the environment is missing pieces (a shared venv being reinstalled) is retried
+    every minute for up to an hour instead of failing."""
+    done = run_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(threads)}
+    env["MKL_NUM_THREADS"] = str(threads)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    axolotl = Path(sys.executable).parent / "axolotl"
+    for attempt in range(ENVIRONMENT_RETRIES + 1):
+        start = time.perf_counter()
+        with (run_dir / "train.log").open("w") as log:
+            result = (
+                subprocess.run(
+                    [str(axolotl), "train", str(config_path)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                if axolotl.is_file()
+                else None
+            )
+        wall = time.perf_counter() - start
+        text = (run_dir / "train.log").read_text()
+        broken = result is None or re.search(r"ModuleNotFoundError|ImportError", text)
+        if result is not None and result.returncode == 0:
+            break
+        if not broken or attempt == ENVIRONMENT_RETRIES:
+            raise RuntimeError(f"axolotl train failed for {config_path}:\n{text[-3000:]}")
+        print(f"  environment incomplete ({axolotl} missing or an import failed); retry in 60 s")
+        time.sleep(60)
+    found = re.findall(r"'train_runtime': '?([0-9.]+)", text)
+    timing = {
+        "wall_seconds": round(wall, 1),
+        "train_runtime": float(found[-1]) if found else wall,
+        # The machine is shared: the 15-minute load average at the end says how much.
+        "load_avg_15min": round(os.getloadavg()[2], 1),
+    }
+    write_atomic(done, json.dumps(timing))
+    return timing
 
 
-def grouped(results: list[dict]) -> dict[str, list[dict]]:
-    """Rows by method, in the order methods first appear, each sorted by seed."""
-    by_method: dict[str, list[dict]] = {}
-    for row in results:
-        by_method.setdefault(row["method"], []).append(row)
-    return {name: sorted(rows, key=lambda r: r["seed"]) for name, rows in by_method.items()}
+def mask_facts(run_dir: Path, method: Method) -> dict[str, Any]:
+    """k and total from the saved mask; for a method that must train one factor kind only
+    (LoRA-FA), check that the mask selects exactly every entry of that kind."""
+    from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+
+    if not (run_dir / MASK_FILENAME).is_file():  # a method without the plugin
+        return {}
+    mask = FishMask.load(run_dir)
+    facts: dict[str, Any] = {"k": mask.k, "total": mask.total}
+    if method.only_factor:
+        wanted = sum(m.numel() for key, m in mask.masks.items() if method.only_factor in key)
+        inside = sum(int(m.sum()) for key, m in mask.masks.items() if method.only_factor in key)
+        if inside != wanted or mask.k != wanted:
+            raise RuntimeError(
+                f"{method.name}: the mask selects {inside:,} of {wanted:,} {method.only_factor} "
+                f"entries and {mask.k - inside:,} others; it is not {method.only_factor} only"
+            )
+        facts["only_factor_checked"] = method.only_factor
+    return facts
 
 
-def table(by_method: dict[str, list[dict]]) -> list[str]:
-    lines = [
-        "| method | group | trainable entries | share of rank 2r | accuracy | std | per seed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, rows in by_method.items():
-        accs = [row["accuracy"] for row in rows]
-        mean, std = mean_std(accs)
-        lines.append(
-            f"| {name} | {rows[0]['group']} | {rows[0]['k']:,} | {rows[0]['fraction']:.3f} | "
-            f"{mean:.3f} | {std:.3f} | {' '.join(f'{a:.3f}' for a in accs)} |"
+# ---------------------------------------------------------------- results file
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    with tmp.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Results:
+    """The results file: one JSON object per line, rewritten atomically on every append."""
+
+    def __init__(self, path: Path, protocol: dict[str, Any]) -> None:
+        self.path = path
+        self.protocol = protocol
+        self.rows = read_jsonl(path) if path.is_file() else []
+
+    def mine(self) -> list[dict]:
+        return [row for row in self.rows if row.get("protocol") == self.protocol]
+
+    def append(self, row: dict) -> None:
+        self.rows.append({**row, "protocol": self.protocol})
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def find(self, **match: Any) -> list[dict]:
+        return [r for r in self.mine() if all(r.get(k) == v for k, v in match.items())]
+
+
+# ---------------------------------------------------------------- the protocol's decisions
+
+LADDER_MANTISSAS = (1.0, 3.0)
+
+
+def ladder_step(lr: float, up: bool) -> float:
+    """The next value on the 1, 3, 10, 30, ... ladder above or below lr."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    values = sorted(
+        m * 10.0**e for e in range(exponent - 2, exponent + 3) for m in LADDER_MANTISSAS
+    )
+    values = [float(f"{v:.3g}") for v in values]
+    return (
+        next(v for v in values if v > lr * 1.01) if up else [v for v in values if v < lr * 0.99][-1]
+    )
+
+
+def plateau_step(points: list[tuple[int, float]], tol: float) -> int:
+    """The first checkpoint whose validation accuracy is within tol of the best one."""
+    best = max(acc for _, acc in points)
+    return next(step for step, acc in sorted(points) if acc >= best - tol)
+
+
+def choose_lr(grid: dict[float, float]) -> tuple[float, float | None]:
+    """(best LR, LR still to try or None): the best validation accuracy (ties: lower LR); while
+    it sits at an edge of the grid and beats its neighbour, one ladder step past that edge."""
+    lrs = sorted(grid)
+    best = max(lrs, key=lambda lr: (grid[lr], -lr))
+    if len(lrs) > 1 and best == lrs[0] and grid[best] > grid[lrs[1]]:
+        return best, ladder_step(best, up=False)
+    if len(lrs) > 1 and best == lrs[-1] and grid[best] > grid[lrs[-2]]:
+        return best, ladder_step(best, up=True)
+    return best, None
+
+
+class Protocol:
+    """Walks the phases and yields the next job whose inputs exist."""
+
+    def __init__(self, args: argparse.Namespace, results: Results, table: list[Method]) -> None:
+        self.args = args
+        self.results = results
+        self.table = table
+        self.failed: set[tuple] = set()
+
+    def steps(self, task: str) -> int | None:
+        if self.args.steps:
+            return self.args.steps
+        curve = self.results.find(kind="curve", task=task, steps=self.args.curve_steps)
+        return curve[0]["plateau_step"] if curve else None
+
+    def grid(self, task: str, method: Method, steps: int) -> dict[float, float]:
+        rows = self.results.find(kind="grid", task=task, method=method.name, seed=0, steps=steps)
+        return {row["lr"]: row["val_acc"] for row in rows}
+
+    def chosen_lr(self, task: str, method: Method, steps: int) -> float | None:
+        """The method's LR once its grid is complete (None while LRs remain to try)."""
+        grid = self.grid(task, method, steps)
+        start = list(method.lrs or self.args.lrs)
+        if any(lr not in grid for lr in start):
+            return None
+        best, more = choose_lr(grid)
+        if more is not None and self.args.lr_min <= more <= self.args.lr_max:
+            return None
+        return best
+
+    def next_grid_lr(self, task: str, method: Method, steps: int) -> float | None:
+        grid = self.grid(task, method, steps)
+        missing = [lr for lr in (method.lrs or self.args.lrs) if lr not in grid]
+        if missing:
+            return missing[0]
+        _, more = choose_lr(grid)
+        return more if more is not None and self.args.lr_min <= more <= self.args.lr_max else None
+
+    def stages(self) -> Iterator[tuple[str, int | str]]:
+        tasks = list(self.args.task_names)
+        yield tasks[0], "measure"
+        tiers = sorted({m.tier for m in self.table})
+        for tier in tiers:
+            for task in tasks:
+                if tier == tiers[0]:
+                    yield task, "curve"
+                yield task, tier
+
+    def jobs(self) -> Iterator[Job]:
+        """Every job of the protocol in order; jobs that depend on unfinished ones are held
+        back (a single pass yields what can run now)."""
+        args, dense = self.args, self.table[0]
+        for task, stage in self.stages():
+            if stage == "measure":
+                yield Job("measure", task, dense, args.curve_lr, 0, args.measure_steps)
+                continue
+            if stage == "curve":
+                if not args.steps:
+                    yield Job("curve", task, dense, args.curve_lr, 0, args.curve_steps)
+                continue
+            steps = self.steps(task)
+            if steps is None:
+                continue
+            methods = [m for m in self.table if m.tier == stage]
+            for method in methods:
+                lr = self.next_grid_lr(task, method, steps)
+                if lr is not None:
+                    yield Job("grid", task, method, lr, 0, steps)
+            for seed in args.seeds:
+                for method in methods:
+                    chosen = self.chosen_lr(task, method, steps)
+                    if chosen is not None:
+                        yield Job("test", task, method, chosen, seed, steps)
+
+    def done(self, job: Job) -> bool:
+        """Recorded, or failed in this process (a rerun of the command retries failures)."""
+        match = {"task": job.task, "method": job.method.name, "lr": job.lr, "seed": job.seed}
+        return job.key in self.failed or bool(
+            self.results.find(kind=job.kind, steps=job.steps, **match)
         )
-    return lines
+
+    def next_job(self) -> Job | None:
+        return next((job for job in self.jobs() if not self.done(job)), None)
 
 
-def plot(by_method: dict[str, list[dict]], untrained: float, out: Path) -> None:
-    """quality_methods.png (equal budget) and quality_keep_ratio.png (the FISH sweep)."""
-    import matplotlib
+# ---------------------------------------------------------------- running jobs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    equal = {name: rows for name, rows in by_method.items() if rows[0]["group"] == "equal budget"}
-    colors = {"fisher": "C0", "random": "C1", "reverse": "C3", "dense": "C2"}
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(equal) + 1.6))
-    for i, rows in enumerate(equal.values()):
-        accs = [row["accuracy"] for row in rows]
-        mean, std = mean_std(accs)
-        ax.barh(i, mean, xerr=std, color=colors[rows[0]["strategy"]], alpha=0.75, capsize=3)
-        ax.plot(accs, [i] * len(accs), "k.", markersize=5)
-    ax.axvline(untrained, color="grey", linestyle="--", label=f"untrained ({untrained:.3f})")
-    ax.set_yticks(range(len(equal)), list(equal))
-    ax.invert_yaxis()
-    low = min([untrained] + [r["accuracy"] for rows in equal.values() for r in rows])
-    ax.set_xlim(max(0.0, low - 0.05), 1.0)
-    ax.set_xlabel("held-out accuracy (bar: mean +- std over seeds; dots: seeds)")
-    ax.set_title("Equal number of trainable entries")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "quality_methods.png", dpi=110)
-    plt.close(fig)
+class Runner:
+    def __init__(self, args: argparse.Namespace, results: Results, tasks: dict[str, Task]) -> None:
+        self.args = args
+        self.results = results
+        self.tasks = tasks
+        self.scorers: dict[tuple[str, str], LabelScorer] = {}
 
-    sweep = sorted(
-        (rows for rows in by_method.values() if rows[0]["in_sweep"]),
-        key=lambda rows: rows[0]["fraction"],
+    def scorer(self, task: str, split: str) -> LabelScorer:
+        if (task, split) not in self.scorers:
+            rows = getattr(self.tasks[task], split)
+            self.scorers[task, split] = LabelScorer(self.args.model, rows)
+        return self.scorers[task, split]
+
+    def base_row(self, job: Job) -> dict[str, Any]:
+        return {
+            "kind": job.kind,
+            "task": job.task,
+            "method": job.method.name,
+            "tier": job.method.tier,
+            "lr": job.lr,
+            "seed": job.seed,
+            "steps": job.steps,
+        }
+
+    def untrained(self, task: str) -> None:
+        """The base model's validation and test correctness, once per task."""
+        if self.results.find(kind="untrained", task=task):
+            return
+        val = self.scorer(task, "val").correct(None)
+        test = self.scorer(task, "test").correct(None)
+        self.results.append(
+            {
+                "kind": "untrained",
+                "task": task,
+                "val_acc": float(val.float().mean()),
+                "test_acc": float(test.float().mean()),
+                "test_correct": bits(test),
+            }
+        )
+
+    def run(self, job: Job) -> str:
+        self.untrained(job.task)
+        task = self.tasks[job.task]
+        run_dir = job.run_dir(self.args.work)
+        row = self.base_row(job)
+        if job.kind == "measure":
+            timing = train(config_for(job, task, self.args), run_dir, self.args.threads)
+            start = time.perf_counter()
+            val = self.scorer(job.task, "val").correct(run_dir)
+            scoring = time.perf_counter() - start
+            row |= timing | {
+                "seconds_per_step": round(timing["train_runtime"] / job.steps, 2),
+                "startup_seconds": round(timing["wall_seconds"] - timing["train_runtime"], 1),
+                "val_rows_per_second": round(len(task.val) / scoring, 1),
+                "val_acc": float(val.float().mean()),
+                "tokens": token_lengths(self.args.model, task),
+            }
+        elif job.kind == "curve":
+            every = self.args.curve_every
+            timing = train(config_for(job, task, self.args, every), run_dir, self.args.threads)
+            points = []
+            for step in range(every, job.steps + 1, every):
+                val = self.scorer(job.task, "val").correct(run_dir / f"checkpoint-{step}")
+                points.append((step, float(val.float().mean())))
+                print(f"  curve step {step}: validation accuracy {points[-1][1]:.3f}", flush=True)
+            row |= timing | {
+                "points": points,
+                "plateau_tol": self.args.plateau_tol,
+                "plateau_step": plateau_step(points, self.args.plateau_tol),
+            }
+        else:
+            # grid: validation; test: the test split, with per-row correctness for the pairing.
+            grid = job.kind == "grid"
+            reused = self.curve_checkpoint(job) if grid else self.grid_adapter(job)
+            if reused is None:
+                timing = train(config_for(job, task, self.args), run_dir, self.args.threads)
+                source = run_dir
+            else:
+                source = reused
+                timing = {"wall_seconds": 0.0, "train_runtime": 0.0, "reused": str(reused)}
+            split = "val" if grid else "test"
+            correct = self.scorer(job.task, split).correct(source)
+            row |= timing | mask_facts(source, job.method)
+            row[f"{split}_acc"] = float(correct.float().mean())
+            if not grid:
+                row["test_correct"] = bits(correct)
+        self.results.append(row)
+        value = row.get("val_acc", row.get("test_acc", row.get("plateau_step")))
+        return f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed}: {value}"
+
+    def curve_checkpoint(self, job: Job) -> Path | None:
+        """The dense grid point at the curve's LR is the curve run's checkpoint at S (same seed,
+        same data order, constant LR after a fixed warm-up: the same run)."""
+        for row in self.results.find(kind="curve", task=job.task, method=job.method.name):
+            if row["lr"] == job.lr and job.seed == row["seed"] and job.steps == row["plateau_step"]:
+                curve = Job("curve", job.task, job.method, row["lr"], row["seed"], row["steps"])
+                return curve.run_dir(self.args.work) / f"checkpoint-{job.steps}"
+        return None
+
+    def grid_adapter(self, job: Job) -> Path | None:
+        """Seed 0's test score comes from its grid run at the chosen LR (no retraining)."""
+        for row in self.results.find(
+            kind="grid", task=job.task, method=job.method.name, lr=job.lr, seed=job.seed
+        ):
+            if row["steps"] == job.steps:
+                return (
+                    Path(row["reused"])
+                    if "reused" in row
+                    else Job("grid", job.task, job.method, job.lr, job.seed, job.steps).run_dir(
+                        self.args.work
+                    )
+                )
+        return None
+
+
+def token_lengths(model_path: Path, task: Task) -> dict[str, int]:
+    """Prompt + answer + EOS token counts of the training rows: max and 95th percentile."""
+    from axolotl.prompters import AlpacaPrompter
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompter = AlpacaPrompter()
+    lengths = sorted(
+        len(
+            tokenizer(next(prompter.build_prompt(r["instruction"], r["input"])) + r["output"])[
+                "input_ids"
+            ]
+        )
+        + 1
+        for r in read_jsonl(task.train_file)
     )
-    stats = [mean_std([row["accuracy"] for row in rows]) for rows in sweep]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.errorbar(
-        [rows[0]["fraction"] for rows in sweep],
-        [mean for mean, _ in stats],
-        yerr=[std for _, std in stats],
-        marker="o",
-        capsize=3,
-        label="LoRA-FISH (rank 2r, warm-up + restore); 1.0 = dense",
-    )
-    ax.axhline(untrained, color="grey", linestyle="--", label="untrained")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable entries / entries of the rank-2r adapter")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("LoRA-FISH: accuracy vs proportion of trainable entries")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "quality_keep_ratio.png", dpi=110)
-    plt.close(fig)
+    return {
+        "max": lengths[-1],
+        "p95": lengths[int(0.95 * (len(lengths) - 1))],
+        "rows": len(lengths),
+    }
 
 
-def parse_args() -> argparse.Namespace:
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=CACHE / "smollm2-135m")
-    parser.add_argument("--data", type=Path, default=CACHE / "sentiment" / "train.jsonl")
     parser.add_argument(
-        "--test",
-        type=Path,
-        help="held-out alpaca JSONL (default: test.jsonl beside the default data; with another "
-        "--data, a seeded split of it)",
+        "--tasks", nargs="+", default=list(DEFAULT_TASKS), help="built-in tasks, in order"
     )
+    parser.add_argument("--data", type=Path, help="your alpaca JSONL (replaces --tasks)")
+    parser.add_argument(
+        "--test", type=Path, help="held-out alpaca JSONL for --data (default: a seeded draw of it)"
+    )
+    parser.add_argument("--val-size", type=int, default=400)
+    parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=8, help="r: dense rank = masked budget")
-    parser.add_argument("--warmup", type=int, default=5, help="fish_mask.warmup_steps")
-    parser.add_argument("--ratios", type=float, nargs="*", default=[0.02, 0.1])
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="fish_mask.warmup_steps of the remedy"
+    )
     parser.add_argument("--num-samples", type=int, default=64, help="fish_mask.num_samples")
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--eval-size", type=int, default=200)
-    parser.add_argument("--work", type=Path, default=Path("outputs/quality"))
-    parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and methods")
+    parser.add_argument("--sequence-len", type=int, default=320)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--lr-min", type=float, default=1e-5)
+    parser.add_argument("--lr-max", type=float, default=0.1)
+    parser.add_argument("--curve-lr", type=float, default=1e-3)
+    parser.add_argument("--curve-steps", type=int, default=240)
+    parser.add_argument("--curve-every", type=int, default=30)
+    parser.add_argument("--plateau-tol", type=float, default=0.01)
+    parser.add_argument("--steps", type=int, help="fixed run length (skips the curve phase)")
+    parser.add_argument("--measure-steps", type=int, default=10)
     parser.add_argument(
-        "--report",
-        action="store_true",
-        help="no training: rebuild the table and plots from the runs recorded so far",
+        "--threads", type=int, default=1, help="torch threads, here and in training"
     )
-    args = parser.parse_args()
-    if args.test is None and args.data == CACHE / "sentiment" / "train.jsonl":
-        args.test = CACHE / "sentiment" / "test.jsonl"
-    if args.quick:
-        args.seeds, args.steps, args.ratios = args.seeds[:1], min(args.steps, 10), [0.1]
-        args.work, args.out = args.work / "quick", args.out / "quick"
+    parser.add_argument("--margin", type=float, default=0.01, help="'matches' = CI within +-margin")
+    parser.add_argument("--max-jobs", type=int, help="stop after this many runs")
+    parser.add_argument(
+        "--methods", nargs="+", help="only these methods (names as in the report); dense r first"
+    )
+    parser.add_argument("--work", type=Path, default=Path("outputs/quality_protocol"))
+    parser.add_argument("--results", type=Path, default=Path("docs/quality_protocol.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--report", action="store_true", help="no training: rebuild the report")
+    parser.add_argument(
+        "--plan", action="store_true", help="no training: list the runs that can start now"
+    )
+    args = parser.parse_args(argv)
+    if args.data is not None:
+        args.task_names = [args.data.stem if args.data.stem != "train" else args.data.parent.name]
+    else:
+        unknown = [t for t in args.tasks if t not in DEFAULT_TASKS]
+        if unknown:
+            parser.error(f"unknown task {unknown[0]!r}; built in: {', '.join(DEFAULT_TASKS)}")
+        args.task_names = args.tasks
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    train_file, held_out = split(args)
-    args.train_file = train_file
-    scorer = LabelScorer(args.model, held_out)
-    results_path = args.out / "quality_runs.jsonl"
-    settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k in ("steps", "micro_batch", "lr", "num_samples", "eval_size")
+def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What must match for a recorded run to count (the model by folder name)."""
+    keys = ("val_size", "test_size", "rank", "warmup", "num_samples", "micro_batch")
+    return {
+        "model": args.model.name,
+        "sequence_len": args.sequence_len,
+        "curve_lr": args.curve_lr,
+        **{key: getattr(args, key) for key in keys},
     }
-    done = {
-        (row.get("method"), row.get("seed"))
-        for row in load_results(results_path)
-        if row["settings"] == settings
-    }
-    # The equal-budget comparison first, for every seed; then the extras: a stopped run leaves
-    # the main table complete (and a rerun of the same command finishes the rest).
-    every = methods(args.rank, args.warmup, args.ratios, args.quick)
-    plan = [
-        (method, seed)
-        for extras in (False, True)
-        for seed in args.seeds
-        for method in every
-        if (method.group != "equal budget" or method.remedy == "warm-up") == extras
-        and (method.name, seed) not in done
-    ]
-    start = time.perf_counter()
-    untrained = untrained_accuracy(scorer, results_path, settings)
-    for index, (method, seed) in enumerate([] if args.report else plan, 1):
-        run_dir = args.work / f"seed{seed}" / method.name.replace(" ", "_").replace(">", "")
-        seconds = train(config_for(method, seed, args, run_dir), run_dir)
-        accuracy = scorer.accuracy(run_dir)
-        k, total = mask_counts(run_dir)
-        append(
-            results_path,
-            {
-                "method": method.name,
-                "group": method.group,
-                "strategy": method.strategy,
-                "remedy": method.remedy,
-                "in_sweep": method.in_sweep,
-                "rank": method.rank,
-                "seed": seed,
-                "k": k,
-                "fraction": k * method.rank / (total * 2 * args.rank),
-                "accuracy": accuracy,
-                "train_seconds": round(seconds, 1),
-                "settings": settings,
-            },
-        )
-        elapsed = time.perf_counter() - start
-        eta = elapsed / index * (len(plan) - index)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Everything the sweep needs later is imported now: a long sweep must survive its venv
+    # being reinstalled underneath it (the training subprocesses wait for it, see train()).
+    import matplotlib.pyplot  # noqa: F401  (the report's plots)
+    import peft  # noqa: F401  (loading adapters to score them)
+    from axolotl.prompters import AlpacaPrompter  # noqa: F401
+    from quality_report import write_report
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.data is not None:
+        tasks = {args.task_names[0]: load_task(args.task_names[0], args.data, args.test, args)}
+    else:
+        missing = [t for t in args.task_names if not (DEFAULT_TASKS[t] / "train.jsonl").is_file()]
+        if missing:
+            raise SystemExit(
+                f"no data for task {missing[0]!r} at {DEFAULT_TASKS[missing[0]]}: build it with "
+                f"`python -m axolotl_fish.offline_assets --cache {CACHE}`"
+            )
+        tasks = {
+            name: load_task(
+                name, DEFAULT_TASKS[name] / "train.jsonl", DEFAULT_TASKS[name] / "test.jsonl", args
+            )
+            for name in args.task_names
+        }
+    table = method_table(args.rank, lora_shapes(args.model, TARGETS), args.warmup)
+    if args.methods:
+        unknown = sorted(set(args.methods) - {m.name for m in table})
+        if unknown:
+            raise SystemExit(f"unknown method {unknown[0]!r}; known: {[m.name for m in table]}")
+        table = [m for i, m in enumerate(table) if i == 0 or m.name in args.methods]
+    results = Results(args.results, protocol_settings(args))
+    protocol = Protocol(args, results, table)
+    runner = Runner(args, results, tasks)
+    if args.plan:
+        for job in (job for job in protocol.jobs() if not protocol.done(job)):
+            print(
+                f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed} "
+                f"steps {job.steps}"
+            )
+        return
+    count, failures, start = 0, 0, time.perf_counter()
+    while not args.report and (args.max_jobs is None or count < args.max_jobs):
+        job = protocol.next_job()
+        if job is None:
+            break
         print(
-            f"[{index}/{len(plan)}] seed {seed} {method.name}: accuracy {accuracy:.3f}, "
-            f"k {k:,}, train {seconds:.0f} s; elapsed {elapsed / 60:.1f} min, "
-            f"eta {eta / 60:.1f} min",
+            f"[{time.strftime('%H:%M:%S')}] {job.kind} {job.task} {job.method.name} "
+            f"lr {job.lr:g} seed {job.seed} steps {job.steps}",
             flush=True,
         )
-    results = [
-        row
-        for row in load_results(results_path)
-        if row["settings"] == settings and row["group"] != "untrained"
-    ]
-    by_method = grouped(results)
-    plot(by_method, untrained, args.out)
-    seeds = sorted({row["seed"] for row in results})
-    lines = [
-        f"Held-out accuracy on {len(held_out)} rows (label log-likelihood); {args.steps} steps x "
-        f"micro-batch {args.micro_batch}, lr {args.lr:g}, Fisher samples {args.num_samples}, "
-        f"seeds {seeds}; untrained model {untrained:.3f}.",
-        "",
-        *table(by_method),
-        "",
-        f"{machine()}; {len(results)} trainings, `axolotl train` wall time "
-        f"{sum(row['train_seconds'] for row in results) / 60:.1f} min in all"
-        + (f"; not yet run: {len(plan)}." if args.report and plan else "."),
-    ]
-    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def untrained_accuracy(scorer: LabelScorer, results_path: Path, settings: dict) -> float:
-    """The base model's accuracy, measured once per settings and kept in the results file."""
-    for row in load_results(results_path):
-        if row["group"] == "untrained" and row["settings"] == settings:
-            return row["accuracy"]
-    accuracy = scorer.accuracy(None)
-    append(results_path, {"group": "untrained", "accuracy": accuracy, "settings": settings})
-    print(f"untrained accuracy {accuracy:.3f}", flush=True)
-    return accuracy
-
-
-def append(results_path: Path, row: dict) -> None:
-    with results_path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        try:
+            outcome = runner.run(job)
+            failures = 0
+        except (RuntimeError, OSError, ValueError) as err:
+            # One broken method must not stop an unattended sweep: record it, go on; several
+            # in a row mean the environment is broken (e.g. the venv is being reinstalled).
+            protocol.failed.add(job.key)
+            failures += 1
+            results.append(
+                {
+                    **runner.base_row(job),
+                    "kind": "failed",
+                    "job_kind": job.kind,
+                    "error": str(err)[-2000:],
+                }
+            )
+            outcome = f"FAILED: {str(err)[-300:]}"
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                message = f"{failures} runs failed in a row; stopping (last: {outcome})"
+                raise SystemExit(message) from err
+        count += 1
+        print(
+            f"  -> {outcome}; {count} runs in {(time.perf_counter() - start) / 60:.1f} min",
+            flush=True,
+        )
+        write_report(args, results, protocol, table)
+    write_report(args, results, protocol, table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""The quality protocol's methods and comparisons, as data.
+
+A method is a name plus a fragment of an ordinary Axolotl config that is merged into the run's
+config (`fish_mask` key by key, everything else replaced), so a new kind of adapter is a few
+lines here, e.g.
+
+    Method("adapter bottleneck 64", {"adapter": "bottleneck", ..., "fish_mask": None}, tier=2)
+
+(`fish_mask: None` drops the plugin). Every LoRA row sets `lora_r`; `lora_alpha` follows as 2r.
+Dense LoRA carries the plugin at `keep_ratio: 1.0, strategy: random` (every entry trains, no
+Fisher pass) only so that its adapter initialisation is seeded like the masked runs'.
+
+Tiers order the sweep: tier 1 answers the main questions (masked 2r vs dense r, Fisher vs
+random), tier 2 the baselines a reviewer asks for next, tier 3 the budgets LoRA cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DENSE = {"keep_ratio": 1.0, "strategy": "random"}
+LR_WARMUP_STEPS = 10  # fixed, so a run of S steps is the first S steps of a longer one
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: dict[str, Any]
+    tier: int
+    # The mask must select exactly these factor kinds (checked on the saved mask): LoRA-FA.
+    only_factor: str | None = None
+    notes: str = ""
+    lrs: tuple[float, ...] = field(default=())  # the starting grid; empty: the protocol's
+
+    @property
+    def dense(self) -> bool:
+        return (self.config.get("fish_mask") or {}).get("keep_ratio") == 1.0
+
+
+@dataclass(frozen=True)
+class LoraShapes:
+    """Sum of in_features (|A| per rank) and of out_features (|B| per rank) over the targets."""
+
+    a_per_rank: int
+    b_per_rank: int
+
+    def entries(self, rank: int) -> int:
+        return rank * (self.a_per_rank + self.b_per_rank)
+
+
+def lora_shapes(model_path: Path, targets: list[str]) -> LoraShapes:
+    """Read the target modules' shapes from a meta-device copy of the model (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in targets
+    ]
+    if not linear:
+        raise ValueError(f"no Linear module named any of {targets} in {model_path}")
+    return LoraShapes(sum(m.in_features for m in linear), sum(m.out_features for m in linear))
+
+
+def lora(rank: int, **fish_mask: Any) -> dict[str, Any]:
+    return {"adapter": "lora", "lora_r": rank, "fish_mask": fish_mask or DENSE}
+
+
+def method_table(r: int, shapes: LoraShapes, warmup: int) -> list[Method]:
+    """Every method at the budget of dense LoRA rank r, plus the budgets below rank 1."""
+    fa_rank = round(shapes.entries(r) / shapes.b_per_rank)
+    tiny = [(0.02, "2%"), (0.005, "0.5%")]
+    return [
+        Method(f"dense LoRA r{r}", lora(r), 1, notes="the baseline"),
+        Method(f"fisher r{2 * r}->r{r}", lora(2 * r, match_rank=r, strategy="fisher"), 1),
+        Method(f"random r{2 * r}->r{r}", lora(2 * r, match_rank=r, strategy="random"), 1),
+        Method(
+            f"fisher r{2 * r}->r{r}, warm-up {warmup}+restore",
+            lora(2 * r, match_rank=r, strategy="fisher", warmup_steps=warmup),
+            1,
+            notes="the zero-B remedy: dense warm-up, Fisher pass, adapter restored to its init",
+        ),
+        Method(
+            f"LoRA-FA r{fa_rank}",
+            lora(fa_rank, keep_params=fa_rank * shapes.b_per_rank, strategy="fisher"),
+            2,
+            only_factor="lora_B",
+            notes=(
+                f"A frozen at init, all of B trains: rank {fa_rank}'s B has "
+                f"{fa_rank * shapes.b_per_rank:,} entries (dense r{r}: {shapes.entries(r):,}); "
+                "a Fisher mask at init with k = that count selects exactly every lora_B entry "
+                "(every lora_A score is 0 while B = 0), checked on the saved mask"
+            ),
+        ),
+        Method(
+            f"fisher r{2 * r}->r{r}, per_matrix",
+            lora(2 * r, match_rank=r, strategy="fisher", scope="per_matrix"),
+            2,
+        ),
+        Method(f"fisher r{4 * r}->r{r}", lora(4 * r, match_rank=r, strategy="fisher"), 2),
+        Method(f"random r{4 * r}->r{r}", lora(4 * r, match_rank=r, strategy="random"), 2),
+        Method("dense LoRA r1", lora(1), 3, notes="the smallest dense LoRA"),
+        *[
+            Method(f"{strategy} r{r} keep {label}", lora(r, keep_ratio=ratio, strategy=strategy), 3)
+            for ratio, label in tiny
+            for strategy in ("fisher", "random")
+        ],
+        Method(f"reverse r{2 * r}->r{r}", lora(2 * r, match_rank=r, strategy="reverse"), 3),
+        Method(
+            f"fisher r{2 * r}->r{r}, warm-up {warmup} kept",
+            lora(
+                2 * r,
+                match_rank=r,
+                strategy="fisher",
+                warmup_steps=warmup,
+                restore_after_warmup=False,
+            ),
+            3,
+            notes="restore_after_warmup: false - not an equal budget (every entry moved during "
+            "the warm-up); for the restore_after_warmup default only",
+        ),
+    ]
+
+
+def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str, str]]:
+    """(method, against, question) pairs that get a paired bootstrap interval, besides every
+    method against dense LoRA r (the first method)."""
+    warm = f"fisher r{2 * r}->r{r}, warm-up {warmup}+restore"
+    fa = next((m.name for m in table if m.only_factor == "lora_B"), "LoRA-FA (not in the table)")
+    fisher_vs_random = [
+        (f"fisher r{2 * r}->r{r}", f"random r{2 * r}->r{r}"),
+        # random's mask ignores the warm-up and restore puts every entry back: the random r2r
+        # run is the warm-up row's equal-k random control.
+        (warm, f"random r{2 * r}->r{r}"),
+        (f"fisher r{4 * r}->r{r}", f"random r{4 * r}->r{r}"),
+        (f"fisher r{r} keep 2%", f"random r{r} keep 2%"),
+        (f"fisher r{r} keep 0.5%", f"random r{r} keep 0.5%"),
+    ]
+    return [
+        *[(a, b, "Fisher vs random selection, same k") for a, b in fisher_vs_random],
+        (f"fisher r{2 * r}->r{r}", fa, "fisher at init vs LoRA-FA"),
+        (warm, f"fisher r{2 * r}->r{r}", "default warmup_steps: warm-up+restore vs at init"),
+        (
+            f"fisher r{2 * r}->r{r}, per_matrix",
+            f"fisher r{2 * r}->r{r}",
+            "default scope: per_matrix vs global",
+        ),
+        (
+            f"fisher r{2 * r}->r{r}, warm-up {warmup} kept",
+            warm,
+            "default restore_after_warmup: false vs true",
+        ),
+        (f"fisher r{r} keep 2%", "dense LoRA r1", "below rank 1 vs dense r1"),
+        (f"fisher r{r} keep 0.5%", "dense LoRA r1", "below rank 1 vs dense r1"),
+    ]

@@ -1,0 +1,336 @@
+"""docs/quality.md and its plots, rebuilt from the protocol's results file.
+
+Every cell the protocol will fill but has not yet is written "not run yet"; a claim is worded
+only as its paired bootstrap interval allows (quality_stats.Difference.claim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import machine
+from quality_methods import LR_WARMUP_STEPS, Method, comparisons
+from quality_stats import Difference, paired_bootstrap
+
+NOT_RUN = "not run yet"
+
+
+def correct_matrix(rows: list[dict], seeds: list[int]) -> np.ndarray:
+    by_seed = {row["seed"]: row["test_correct"] for row in rows}
+    return np.array([[c == "1" for c in by_seed[s]] for s in seeds], dtype=np.float64)
+
+
+def difference(tests: dict[str, list[dict]], a: str, b: str) -> Difference | None:
+    """Paired difference a - b over the seeds both have; None before both have one."""
+    seeds = sorted({r["seed"] for r in tests.get(a, [])} & {r["seed"] for r in tests.get(b, [])})
+    if not seeds:
+        return None
+    return paired_bootstrap(correct_matrix(tests[a], seeds), correct_matrix(tests[b], seeds))
+
+
+def status(protocol: Any, table: list[Method], task: str, rows: list[dict]) -> list[str]:
+    steps = protocol.steps(task)
+    chosen = [m for m in table if steps and protocol.chosen_lr(task, m, steps) is not None]
+    tests = [r for r in rows if r["kind"] == "test" and r["task"] == task]
+    curve = [r for r in rows if r["kind"] == "curve" and r["task"] == task]
+    seeds = protocol.args.seeds
+    return [
+        f"- **{task}**: curve (b) {'done, S = ' + str(steps) + ' steps' if curve else NOT_RUN}; "
+        f"LR grid (c) complete for {len(chosen)} of {len(table)} methods; test runs (d) "
+        f"{len(tests)} of {len(table) * len(seeds)} (methods x seeds)."
+    ]
+
+
+def curve_section(rows: list[dict], task: str) -> list[str]:
+    curve = [r for r in rows if r["kind"] == "curve" and r["task"] == task]
+    if not curve:
+        return [f"Dense-baseline validation curve: {NOT_RUN}.", ""]
+    row = curve[0]
+    best = max(acc for _, acc in row["points"])
+    last_step = row["points"][-1][0]
+    lines = [
+        f"Dense-baseline validation curve ({row['method']}, lr {row['lr']:g}, seed "
+        f"{row['seed']}, constant LR after {LR_WARMUP_STEPS} warm-up steps; `axolotl train` "
+        f"{row['wall_seconds'] / 60:.1f} min):",
+        "",
+        "| step | " + " | ".join(str(step) for step, _ in row["points"]) + " |",
+        "| --- |" + " --- |" * len(row["points"]),
+        "| validation accuracy | " + " | ".join(f"{acc:.3f}" for _, acc in row["points"]) + " |",
+        "",
+        f"Plateau: first checkpoint within {row['plateau_tol']:g} of the best ({best:.3f}): "
+        f"**S = {row['plateau_step']} steps**, the length of every later run."
+        + (
+            " The best is at the last checkpoint: the curve may still be rising; rerun with a "
+            "larger --curve-steps to confirm the plateau."
+            if row["plateau_step"] == last_step
+            else ""
+        ),
+        "",
+    ]
+    return lines
+
+
+def grid_section(rows: list[dict], protocol: Any, table: list[Method], task: str) -> list[str]:
+    steps = protocol.steps(task)
+    if steps is None:
+        return [f"LR grid: {NOT_RUN} (waits for the curve).", ""]
+    grids = {m.name: protocol.grid(task, m, steps) for m in table}
+    lrs = sorted(set(protocol.args.lrs) | {lr for g in grids.values() for lr in g})
+    failed = {(r["method"], r["lr"]) for r in rows if r["kind"] == "failed" and r["task"] == task}
+    lines = [
+        f"LR grid (seed 0, {steps} steps, validation accuracy; **bold** = chosen, ties to the "
+        "lower LR; an LR past an edge is tried while the best sits at that edge):",
+        "",
+        "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen LR |",
+        "| --- |" + " --- |" * (len(lrs) + 1),
+    ]
+    for method in table:
+        grid = grids[method.name]
+        chosen = protocol.chosen_lr(task, method, steps)
+        cells = []
+        for lr in lrs:
+            if lr in grid:
+                cells.append(f"**{grid[lr]:.3f}**" if lr == chosen else f"{grid[lr]:.3f}")
+            elif (method.name, lr) in failed:
+                cells.append("failed")
+            else:
+                cells.append(NOT_RUN if lr in (method.lrs or protocol.args.lrs) else "")
+        chosen_text = f"{chosen:g}" if chosen is not None else NOT_RUN
+        lines.append(f"| {method.name} | " + " | ".join(cells) + f" | {chosen_text} |")
+    return [*lines, ""]
+
+
+def test_section(
+    rows: list[dict], protocol: Any, table: list[Method], task: str, margin: float
+) -> tuple[list[str], dict[str, Difference]]:
+    seeds = protocol.args.seeds
+    tests: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["kind"] == "test" and row["task"] == task:
+            tests.setdefault(row["method"], []).append(row)
+    untrained = next((r for r in rows if r["kind"] == "untrained" and r["task"] == task), None)
+    size = len(untrained["test_correct"]) if untrained else protocol.args.test_size
+    dense = table[0].name
+    lines = [
+        f"Test accuracy ({size} rows, label log-likelihood) at each method's chosen LR"
+        + (f"; untrained model {untrained['test_acc']:.3f}" if untrained else "")
+        + f". Difference to {dense}: mean over seeds, in points, with its paired bootstrap 95% "
+        "interval (seeds and rows resampled):",
+        "",
+        "| method | trainable entries | LR | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + f" | mean | vs {dense} | claim |",
+        "| --- | --- | --- |" + " --- |" * len(seeds) + " --- | --- | --- |",
+    ]
+    diffs: dict[str, Difference] = {}
+    for method in table:
+        by_seed = {r["seed"]: r for r in tests.get(method.name, [])}
+        if not by_seed:
+            lines.append(
+                f"| {method.name} | | | " + " | ".join([NOT_RUN] * len(seeds)) + " | | | |"
+            )
+            continue
+        first = next(iter(by_seed.values()))
+        accs = [by_seed[s]["test_acc"] for s in seeds if s in by_seed]
+        cells = [f"{by_seed[s]['test_acc']:.3f}" if s in by_seed else NOT_RUN for s in seeds]
+        versus, claim = "", ""
+        if method.name != dense:
+            diff = difference(tests, method.name, dense)
+            if diff is not None:
+                diffs[method.name] = diff
+                versus, claim = str(diff), diff.claim(method.name, dense, margin)
+        k = f"{first['k']:,}" if first.get("k") is not None else "?"
+        lines.append(
+            f"| {method.name} | {k} | {first['lr']:g} | "
+            + " | ".join(cells)
+            + f" | {np.mean(accs):.3f} | {versus} | {claim} |"
+        )
+    lines += ["", "Paired comparisons at the same k (or as named):", ""]
+    lines += [
+        "| question | A | B | A - B, points [95% CI] | claim |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    names = {method.name for method in table}
+    for a, b, question in comparisons(table, protocol.args.rank, protocol.args.warmup):
+        if a not in names or b not in names:  # left out with --methods
+            continue
+        diff = difference(tests, a, b)
+        if diff is None:
+            lines.append(f"| {question} | {a} | {b} | {NOT_RUN} | |")
+        else:
+            lines.append(f"| {question} | {a} | {b} | {diff} | {diff.claim(a, b, margin)} |")
+    return [*lines, ""], diffs
+
+
+def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[str]:
+    trained = [r for r in rows if r["kind"] in ("measure", "curve", "grid", "test")]
+    wall = sum(r.get("wall_seconds", 0.0) for r in trained)
+    measure = next((r for r in rows if r["kind"] == "measure"), None)
+    lines = [
+        f"Compute so far: {len(trained)} recorded run(s), `axolotl train` wall time "
+        f"{wall / 3600:.2f} h in all (scoring not included), on {machine()}."
+    ]
+    if measure is None:
+        return [*lines, f"Measurement (a): {NOT_RUN}.", ""]
+    args = protocol.args
+    per_step = measure["seconds_per_step"]
+    fisher_pass = args.num_samples / args.micro_batch * per_step  # about a training step each
+    remaining = 0.0
+    runs_left = rows_left = 0
+    for task in args.task_names:
+        steps = protocol.steps(task) or args.curve_steps // 2
+        if protocol.steps(task) is None and not args.steps:
+            remaining += args.curve_steps * per_step + measure["startup_seconds"]
+            runs_left += 1
+            rows_left += args.curve_steps // args.curve_every * args.val_size
+        for method in table:
+            grid = protocol.grid(task, method, steps)
+            todo = [lr for lr in (method.lrs or args.lrs) if lr not in grid]
+            tested = {
+                r["seed"]
+                for r in rows
+                if r["kind"] == "test" and r["task"] == task and r["method"] == method.name
+            }
+            todo_runs = len(todo) + len([s for s in args.seeds if s not in tested and s != 0])
+            rows_left += len(todo) * args.val_size
+            rows_left += len([s for s in args.seeds if s not in tested]) * args.test_size
+            extra = 0.0 if method.dense else fisher_pass * (2 if "warm-up" in method.name else 1)
+            remaining += todo_runs * (steps * per_step + measure["startup_seconds"] + extra)
+            runs_left += todo_runs
+    lines += [
+        "",
+        f"Measurement (a), {measure['task']}: {measure['seconds_per_step']:.2f} s per step at "
+        f"micro-batch {args.micro_batch} ({args.threads} torch thread; 15-minute load average "
+        f"{measure.get('load_avg_15min', '?')} on the {os.cpu_count()} cores), start-up "
+        f"{measure['startup_seconds']:.0f} s per `axolotl train`, scoring "
+        f"{measure['val_rows_per_second']:.1f} rows/s (model load included); training rows "
+        f"{measure['tokens']['rows']:,}, "
+        f"tokens per row max {measure['tokens']['max']}, 95th percentile "
+        f"{measure['tokens']['p95']} (sequence_len {args.sequence_len}: nothing truncated"
+        + ("" if measure["tokens"]["max"] <= args.sequence_len else " - NO, rows are dropped")
+        + ").",
+        f"Projection at these speeds: about {runs_left} trainings left, about "
+        f"{remaining / 3600:.1f} h of `axolotl train`, plus about "
+        f"{rows_left / measure['val_rows_per_second'] / 3600:.1f} h of scoring "
+        f"({rows_left:,} rows); grids counted at their starting LRs (edge extensions come on "
+        "top); where the curve has not chosen S yet, S is taken as half of --curve-steps "
+        f"= {args.curve_steps // 2}.",
+        "",
+    ]
+    return lines
+
+
+def plot_curves(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in rows if r["kind"] == "curve"]
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in curves:
+        steps, accs = zip(*row["points"], strict=True)
+        ax.plot(steps, accs, marker="o", label=f"{row['task']} ({row['method']}, lr {row['lr']:g})")
+        ax.axvline(row["plateau_step"], linestyle=":", color=ax.lines[-1].get_color())
+    ax.set_xlabel("training step (micro-batch 8)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Dense LoRA validation curve (dotted: chosen run length S)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "quality_curve.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_differences(diffs: dict[str, dict[str, Difference]], dense: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [task for task, d in diffs.items() if d]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(
+        1,
+        len(tasks),
+        figsize=(6.5 * len(tasks), 0.45 * max(len(d) for d in diffs.values()) + 1.8),
+        squeeze=False,
+    )
+    for ax, task in zip(axes[0], tasks, strict=True):
+        names = list(diffs[task])
+        means = [100 * diffs[task][n].mean for n in names]
+        low = [100 * (diffs[task][n].mean - diffs[task][n].low) for n in names]
+        high = [100 * (diffs[task][n].high - diffs[task][n].mean) for n in names]
+        ax.errorbar(means, range(len(names)), xerr=[low, high], fmt="o", capsize=3)
+        ax.axvline(0, color="grey", linestyle="--")
+        seeds = [diffs[task][n].seeds for n in names]
+        ax.set_yticks(
+            range(len(names)),
+            [f"{n} ({k} seed{'' if k == 1 else 's'})" for n, k in zip(names, seeds, strict=True)],
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel(f"test accuracy - {dense}, points\n(paired bootstrap 95% interval)")
+        ax.set_title(task)
+    fig.tight_layout()
+    fig.savefig(out / "quality_methods.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    args: argparse.Namespace, results: Any, protocol: Any, table: list[Method]
+) -> None:
+    rows = results.mine()
+    lines = [
+        "# Quality protocol: results so far",
+        "",
+        f"Generated by `benchmarks/quality.py` from `{args.results}` at "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The protocol and how to read this "
+        "page: [benchmarks.md](benchmarks.md#quality-at-equal-budget). A claim appears only where "
+        f"{3} seeds are in and the interval allows it; 'matches' means the whole interval lies "
+        f"within +-{100 * args.margin:g} point(s).",
+        "",
+        "## Status",
+        "",
+    ]
+    for task in args.task_names:
+        lines += status(protocol, table, task, rows)
+    keys = ("task", "method", "lr", "seed", "steps")
+    succeeded = {(r["kind"], *(r.get(k) for k in keys)) for r in rows}
+    failed = [
+        r
+        for r in rows
+        if r["kind"] == "failed" and (r["job_kind"], *(r[k] for k in keys)) not in succeeded
+    ]
+    if failed:
+        lines += ["", "Failed runs (a rerun of the command retries them):", ""]
+        lines += [
+            f"- {r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}: {r['error'][-200:]}"
+            for r in failed
+        ]
+    lines += ["", "## Cost", "", *cost_section(rows, protocol, table)]
+    all_diffs: dict[str, dict[str, Difference]] = {}
+    for task in args.task_names:
+        lines += [f"## Task: {task}", ""]
+        lines += curve_section(rows, task)
+        lines += grid_section(rows, protocol, table, task)
+        section, all_diffs[task] = test_section(rows, protocol, table, task, args.margin)
+        lines += section
+    lines += [
+        "## Methods",
+        "",
+        "| method | tier | config fragment | notes |",
+        "| --- | --- | --- | --- |",
+    ]
+    for method in table:
+        lines.append(f"| {method.name} | {method.tier} | `{method.config}` | {method.notes} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
+    plot_curves(rows, args.out)
+    plot_differences(all_diffs, table[0].name, args.out)
