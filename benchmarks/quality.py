@@ -155,7 +155,11 @@ class LabelScorer:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        if adapter_dir is not None:
+        if adapter_dir is not None and (adapter_dir / "bottleneck_config.json").is_file():
+            from axolotl_fish.bottleneck import load_bottleneck
+
+            model = load_bottleneck(model, adapter_dir)
+        elif adapter_dir is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir)

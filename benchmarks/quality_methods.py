@@ -11,7 +11,9 @@ Dense LoRA carries the plugin at `keep_ratio: 1.0, strategy: random` (every entr
 Fisher pass) only so that its adapter initialisation is seeded like the masked runs'.
 
 Tiers order the sweep: tier 1 answers the main questions (masked 2r vs dense r, Fisher vs
-random), tier 2 the baselines a reviewer asks for next, tier 3 the budgets LoRA cannot express.
+random), tier 2 the baselines a reviewer asks for next, tier 3 the budgets LoRA cannot express,
+tier 4 the paper's Adapter rows (dense bottleneck size s vs 2s masked to s: fisher, random,
+reverse).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 DENSE = {"keep_ratio": 1.0, "strategy": "random"}
+ADAPTER_SIZE = 16  # the paper's Adapter rows: dense size s vs 2s masked to s
 LR_WARMUP_STEPS = 10  # fixed, so a run of S steps is the first S steps of a longer one
 
 
@@ -72,10 +75,29 @@ def lora(rank: int, **fish_mask: Any) -> dict[str, Any]:
     return {"adapter": "lora", "lora_r": rank, "fish_mask": fish_mask or DENSE}
 
 
+def bottleneck(size: int, **fish_mask: Any) -> dict[str, Any]:
+    """Houlsby bottleneck adapters of this size (Adapter-FISH, `adapter: bottleneck`)."""
+    settings = {"placement": "houlsby", "size": size, "nonlinearity": "relu"}
+    return {"adapter": "bottleneck", "bottleneck": settings, "fish_mask": fish_mask or DENSE}
+
+
 def method_table(r: int, shapes: LoraShapes, warmup: int) -> list[Method]:
     """Every method at the budget of dense LoRA rank r, plus the budgets below rank 1."""
     fa_rank = round(shapes.entries(r) / shapes.b_per_rank)
     tiny = [(0.02, "2%"), (0.005, "0.5%")]
+    s = ADAPTER_SIZE
+    adapter_rows = [
+        Method(f"dense Adapter s{s}", bottleneck(s), 4, notes="the paper's Adapter baseline"),
+        *[
+            Method(
+                f"{strategy} Adapter s{2 * s}->s{s}",
+                bottleneck(2 * s, match_rank=s, strategy=strategy),
+                4,
+                notes="match_rank counts the bottleneck size: exactly dense size s's entries",
+            )
+            for strategy in ("fisher", "random", "reverse")
+        ],
+    ]
     return [
         Method(f"dense LoRA r{r}", lora(r), 1, notes="the baseline"),
         Method(f"fisher r{2 * r}->r{r}", lora(2 * r, match_rank=r, strategy="fisher"), 1),
@@ -125,6 +147,7 @@ def method_table(r: int, shapes: LoraShapes, warmup: int) -> list[Method]:
             notes="restore_after_warmup: false - not an equal budget (every entry moved during "
             "the warm-up); for the restore_after_warmup default only",
         ),
+        *adapter_rows,
     ]
 
 
@@ -155,6 +178,16 @@ def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str
             f"fisher r{2 * r}->r{r}, warm-up {warmup} kept",
             warm,
             "default restore_after_warmup: false vs true",
+        ),
+        (
+            f"fisher Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
+            f"dense Adapter s{ADAPTER_SIZE}",
+            "Adapter-FISH vs dense Adapter, same entries",
+        ),
+        (
+            f"fisher Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
+            f"random Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
+            "Fisher vs random selection, same k",
         ),
         (f"fisher r{r} keep 2%", "dense LoRA r1", "below rank 1 vs dense r1"),
         (f"fisher r{r} keep 0.5%", "dense LoRA r1", "below rank 1 vs dense r1"),
