@@ -18,7 +18,7 @@ from axolotl_fish.masking import GradientMask
 from axolotl_fish.scorers.builtin import random_scores
 from axolotl_fish.selection import select_top_k
 from axolotl_fish.sparse_delta import DELTA_FILENAME, SparseDelta, apply_delta
-from axolotl_fish.sparse_training import VALUES_SUFFIX
+from axolotl_fish.sparse_training import VALUES_SUFFIX, SparseTraining
 
 MODEL_FILE = "model.safetensors"
 
@@ -177,3 +177,22 @@ def test_delta_rebuilds_the_trained_model_bitwise_and_refuses_another_base(tmp_p
     (tmp_path / DELTA_FILENAME).write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="checksum"):
         apply_delta(base_dir, tmp_path / DELTA_FILENAME, tmp_path / "y")
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_value_gradients(reentrant):
+    """Recomputed forwards swap the weight view in again: the values get the same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_base_model("llama")
+        model.train()
+        params = trainable_parameters(model)
+        masks = select_top_k(random_scores(params, seed=0), 500, seed=0).masks
+        if checkpointing:
+            kwargs = {"use_reentrant": reentrant}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        sparse = SparseTraining(model, params, masks)
+        model(**padded_batches(4, 4)[0]).loss.backward()
+        grads.append(torch.cat([tensor.values.grad for tensor in sparse.tensors]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
