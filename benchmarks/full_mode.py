@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,6 +116,32 @@ def seven_b_accounting(keep: float) -> dict[str, float]:
     }
 
 
+def fisher_pass_runs(args: argparse.Namespace, device: str) -> dict[str, Callable[[], object]]:
+    """The Fisher pass over all weights and a plain forward+backward over the same batches."""
+    model = base_model(args.model)
+    params = model_parameters(model)
+    n = args.fisher_batches * args.micro_batch
+    data = demo_batches(args.model, args.data, n, args.micro_batch, device)
+    return {
+        "fisher": lambda: fisher_scores(model, data, params, n, progress=False),
+        "forward_backward": lambda: plain_forward_backward(model, data),
+    }
+
+
+def fisher_passes(args: argparse.Namespace, device: str, warm_up: bool) -> dict[str, list[float]]:
+    """Seconds of each run of `fisher_pass_runs`, interleaved over `args.repeats` rounds."""
+    runs = fisher_pass_runs(args, device)
+    if warm_up:  # first-touch page faults of the score buffers, allocator growth
+        for run in runs.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(args.repeats):
+        for name, run in runs.items():
+            seconds[name].append(timed(run, device))
+            print(f"round {round_ + 1} {name} {seconds[name][-1]:.2f} s", flush=True)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=CACHE / "smollm2-135m")
@@ -124,9 +151,22 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--fisher-batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--fisher-only",
+        action="store_true",
+        help="time only the Fisher pass against a plain forward+backward (one untimed warm-up "
+        "pass of each first), e.g. to re-measure that ratio on an idle machine",
+    )
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one run, report its peak
     args = parser.parse_args()
     device = "cpu"
+    if args.fisher_only:
+        fisher_seconds = fisher_passes(args, device, warm_up=True)
+        for name, values in fisher_seconds.items():
+            print(f"{name}: " + " ".join(f"{v:.2f}" for v in values) + " s")
+        ratio = median(fisher_seconds["fisher"]) / median(fisher_seconds["forward_backward"])
+        print(json.dumps({"fisher_time_ratio": round(ratio, 3)}))
+        return
 
     params = model_parameters(base_model(args.model))
     total = sum(p.numel() for p in params.values())
@@ -147,18 +187,8 @@ def main() -> None:
     variants = {name: Variant(name, base_model(args.model), masks) for name in names}
     for variant in variants.values():  # warm-up: allocator, optimizer state
         variant.step(batches[0])
-    fisher_model = base_model(args.model)
-    fisher_params = model_parameters(fisher_model)
-    fisher_data = demo_batches(
-        args.model, args.data, args.fisher_batches * args.micro_batch, args.micro_batch, device
-    )
+    passes = fisher_pass_runs(args, device)
     n = args.fisher_batches * args.micro_batch
-    passes = {
-        "fisher": lambda: fisher_scores(
-            fisher_model, fisher_data, fisher_params, n, progress=False
-        ),
-        "forward_backward": lambda: plain_forward_backward(fisher_model, fisher_data),
-    }
     seconds: dict[str, list[float]] = {name: [] for name in [*names, *passes]}
     for round_ in range(args.repeats):
         for name, variant in variants.items():
