@@ -83,6 +83,15 @@ def demo_batches(
     return batches
 
 
+def plain_forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """One ordinary forward+backward (with weight gradients) per micro-batch: the baseline the
+    Fisher pass is timed against."""
+    model.eval()
+    for batch in batches:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def reset_peak(device: str) -> None:
     """Start peak tracking now, so model loading does not count."""
     if device.startswith("cuda"):

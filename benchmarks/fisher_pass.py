@@ -21,6 +21,7 @@ from common import (
     machine,
     median,
     peak_in_subprocess,
+    plain_forward_backward,
     process_peak_bytes,
     reset_peak,
     timed,
@@ -28,13 +29,6 @@ from common import (
 
 from axolotl_fish.adapter_tensors import adapter_parameters
 from axolotl_fish.fisher import fisher_scores
-
-
-def plain_forward_backward(model, batches) -> None:
-    model.eval()
-    for batch in batches:
-        model(**batch).loss.backward()
-    model.zero_grad(set_to_none=True)
 
 
 def main() -> None:

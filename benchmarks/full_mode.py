@@ -32,6 +32,7 @@ from common import (
     machine,
     median,
     peak_in_subprocess,
+    plain_forward_backward,
     process_peak_bytes,
     reset_peak,
     timed,
@@ -86,13 +87,6 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
             self.after_step()
-
-
-def plain_forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
-    model.eval()
-    for batch in batches:
-        model(**batch).loss.backward()
-    model.zero_grad(set_to_none=True)
 
 
 def seven_b_accounting(keep: float) -> dict[str, float]:

@@ -10,6 +10,7 @@ from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
 
 import axolotl_fish.fisher as fisher
+import axolotl_fish.fisher_rules as fisher_rules
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.fisher_rules import (
@@ -18,6 +19,7 @@ from axolotl_fish.fisher_rules import (
     NormRule,
     TiedEmbeddingRule,
     claim_rules,
+    sum_of_squared_outer,
 )
 
 
@@ -51,6 +53,86 @@ def test_every_weight_of_a_llama_is_batched_and_exact(monkeypatch, tied):
     reference = reference_fisher(model, batches, params, num_samples=7)
     assert max_relative_error(result.scores, reference) < 1e-4
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("pair_max_tokens", [0, 10_000])
+def test_token_pairs_and_per_example_products_both_match_reference(monkeypatch, pair_max_tokens):
+    """Every Linear and the tied head through one product only: per-example products (0) or
+    the token-pair product (10,000 tokens)."""
+    monkeypatch.setattr(fisher_rules, "PAIR_MAX_TOKENS", pair_max_tokens)
+    pair_calls = []
+    pair_product = fisher_rules._token_pair_product
+    monkeypatch.setattr(
+        fisher_rules, "_token_pair_product", lambda g, x: pair_calls.append(1) or pair_product(g, x)
+    )
+    model = tiny_base_model("llama")
+    model.lm_head.weight = model.get_input_embeddings().weight
+    params = trainable_parameters(model)
+    no_per_example_loop(monkeypatch)
+    batches = batches_with_padding_id_in_text()
+    result = fisher_scores(model, batches, params, num_samples=7, progress=False)
+    assert (len(pair_calls) > 0) == (pair_max_tokens > 0)
+    reference = reference_fisher(model, batches, params, num_samples=7)
+    assert max_relative_error(result.scores, reference) < 1e-4
+    assert all(float(score.min()) >= 0 for score in result.scores.values())
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 9])  # up to PAIR_MAX_TOKENS: token pairs
+def test_sum_of_squared_outer_skips_zero_gradient_tokens_and_equals_a_loop(tokens):
+    """Rows with different numbers of gradient-carrying tokens, scattered among zero-gradient
+    ones (padding, prompt)."""
+    generator = torch.Generator().manual_seed(tokens)
+    g = torch.zeros(3, 12, 5)
+    x = torch.randn(3, 12, 4, generator=generator)
+    for row in range(3):
+        where = torch.randperm(12, generator=generator)[: max(1, tokens - row)]
+        g[row, where] = torch.randn(len(where), 5, generator=generator)
+    expected = sum((g[n].T @ x[n]).square() for n in range(3))
+    torch.testing.assert_close(sum_of_squared_outer(g, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pair_max_tokens", [0, 10_000])
+def test_tokens_whose_contributions_cancel_give_zero_not_negative(monkeypatch, pair_max_tokens):
+    monkeypatch.setattr(fisher_rules, "PAIR_MAX_TOKENS", pair_max_tokens)
+    g = torch.tensor([[[1.0, 0.3], [-1.0, -0.3], [0.0, 0.0]]])
+    x = torch.tensor([[[3.0], [3.0], [5.0]]])
+    assert torch.equal(sum_of_squared_outer(g, x), torch.zeros(2, 1))
+
+
+class WithoutLogitsToKeep(nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep`: every position's logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("sampled_labels_seed", [None, 3])
+def test_head_runs_at_label_positions_only_and_equals_every_position(sampled_labels_seed):
+    model = tiny_base_model("llama")
+    batches = padded_batches(n_rows=7, batch_size=4)
+    widths = []
+    model.lm_head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+
+    def scores(lm):
+        params = trainable_parameters(lm)
+        kwargs = {"sampled_labels_seed": sampled_labels_seed, "progress": False}
+        return fisher_scores(lm, batches, params, num_samples=7, **kwargs).scores
+
+    kept = scores(model)
+    full_widths = [b["input_ids"].shape[1] for b in batches]
+    label_positions = [int((b["labels"][:, 1:] != -100).any(dim=0).sum()) for b in batches]
+    at_least = [min(fisher.MIN_LOGIT_POSITIONS, width - 1) for width in full_widths]
+    assert widths == [max(n, least) for n, least in zip(label_positions, at_least, strict=True)]
+    assert all(w < full for w, full in zip(widths, full_widths, strict=True))
+    widths.clear()
+    every = scores(WithoutLogitsToKeep(model))
+    assert widths == full_widths
+    every = {key.removeprefix("model."): score for key, score in every.items()}
+    assert max_relative_error(kept, every) < 1e-5
 
 
 def test_gpt2_position_embedding_is_not_per_example_and_goes_generic():
