@@ -243,6 +243,8 @@ def config_for(job: Job, task: Task, args: argparse.Namespace, save_every: int =
         **(
             {
                 "save_steps": save_every,
+                # Every checkpoint is scored: Axolotl would keep only the last 4.
+                "save_total_limit": job.steps // save_every + 1,
                 "auto_resume_from_checkpoints": True,
             }
             if save_every
