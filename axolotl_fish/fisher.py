@@ -53,20 +53,13 @@ class FisherScores:
     seconds: float
 
 
-def per_example_loss(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean next-token cross-entropy over its label tokens, and whether it has any.
+def label_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean cross-entropy over its label tokens (logits[:, p] predicts targets[:, p];
+    -100 marks no label), and whether it has any.
 
     Only label positions are upcast to fp32, so memory scales with label tokens, not the full
     batch x sequence x vocabulary logits.
     """
-    return _label_losses(logits[:, :-1], labels[:, 1:])
-
-
-def _label_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_example_loss` for logits aligned with their targets (logits[:, p] predicts
-    targets[:, p])."""
     valid = targets != IGNORE_INDEX
     rows = valid.nonzero()[:, 0]
     token_loss = F.cross_entropy(logits[valid].float(), targets[valid], reduction="none")
@@ -75,29 +68,20 @@ def _label_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return sums / counts.clamp(min=1), counts > 0
 
 
-def sample_labels(
-    logits: torch.Tensor, labels: torch.Tensor, first_index: int, seed: int
-) -> torch.Tensor:
-    """Labels with every label token replaced by a draw from softmax(logits) at its position.
-
-    Inverse-CDF sampling with one uniform per position, generated per example from
-    (seed, example index): independent of how examples are grouped into batches.
-    """
-    positions = torch.arange(labels.shape[1] - 1, device=labels.device)
-    sampled = labels.clone()
-    sampled[:, 1:] = _sampled_targets(logits[:, :-1], labels[:, 1:], positions, first_index, seed)
-    return sampled
-
-
-def _sampled_targets(
+def sampled_targets(
     logits: torch.Tensor,
     targets: torch.Tensor,
     positions: torch.Tensor,
     first_index: int,
     seed: int,
 ) -> torch.Tensor:
-    """`sample_labels` on aligned logits and targets taken at `positions` of the full targets
-    (the uniforms are drawn for every position, so the draws do not depend on which are kept)."""
+    """Targets with every label token replaced by a draw from softmax(logits) at its position,
+    for aligned logits and targets taken at `positions` of a row's next-token targets.
+
+    Inverse-CDF sampling with one uniform per position, generated per example from
+    (seed, example index) for every position up to the last kept one: the draws depend neither
+    on how examples are grouped into batches nor on which positions are kept.
+    """
     valid = targets != IGNORE_INDEX
     width = int(positions.max()) + 1 if positions.numel() else 0
     uniforms = torch.stack(
@@ -228,8 +212,8 @@ def _example_losses(
         logits = logits[:, :-1][:, positions]
     targets = targets[:, positions]
     if seed is not None:
-        targets = _sampled_targets(logits, targets, positions, first_index, seed)
-    return _label_losses(logits, targets)[0]
+        targets = sampled_targets(logits, targets, positions, first_index, seed)
+    return label_losses(logits, targets)[0]
 
 
 def _keeps_logits(model: nn.Module) -> bool:

@@ -7,7 +7,7 @@ import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.fisher import fisher_scores, per_example_loss, sample_labels
+from axolotl_fish.fisher import fisher_scores, label_losses, sampled_targets
 
 
 def reference_fisher(model, batches, params, num_samples):
@@ -108,11 +108,12 @@ def test_generic_path_for_tensors_outside_lora_factors(settings, key_part):
     assert_matches_reference(model, padded_batches(n_rows=6, batch_size=3), 6)
 
 
-def test_per_example_loss_is_each_rows_own_mean():
+def test_label_losses_are_each_rows_own_mean():
     model = tiny_lora_model("llama").eval()
     batch = padded_batches(n_rows=3, batch_size=3)[0]
     with torch.no_grad():
-        losses, has_labels = per_example_loss(model(**batch).logits, batch["labels"])
+        logits = model(**batch).logits
+        losses, has_labels = label_losses(logits[:, :-1], batch["labels"][:, 1:])
         for n in range(3):
             row = {k: v[n : n + 1] for k, v in batch.items()}
             assert torch.allclose(losses[n], model(**row).loss, atol=1e-5)
@@ -182,15 +183,20 @@ def test_sampled_fisher_batched_matches_reference_and_is_seeded():
     assert max_relative_error(sampled, empirical) > 1e-3
 
 
-def test_sample_labels_draws_only_at_label_positions_from_the_model():
-    labels = torch.tensor([[-100, -100, 4, 5, -100], [-100, 3, 3, 3, 3]])
-    logits = torch.full((2, 5, 10), -30.0)
+def test_sampled_targets_draw_only_at_label_positions_from_the_model():
+    targets = torch.tensor([[-100, 4, 5, -100], [3, 3, 3, 3]])
+    positions = torch.arange(4)
+    logits = torch.full((2, 4, 10), -30.0)
     logits[..., 7] = 30.0  # the model is certain of token 7 everywhere
-    sampled = sample_labels(logits, labels, first_index=0, seed=0)
-    assert sampled.tolist() == [[-100, -100, 7, 7, -100], [-100, 7, 7, 7, 7]]
-    uniform = sample_labels(torch.zeros(2, 5, 10), labels, first_index=0, seed=0)
-    assert (uniform == -100).equal(labels == -100)
-    assert len(set(uniform[1, 1:].tolist())) > 1
+    sampled = sampled_targets(logits, targets, positions, first_index=0, seed=0)
+    assert sampled.tolist() == [[-100, 7, 7, -100], [7, 7, 7, 7]]
+    uniform = sampled_targets(torch.zeros(2, 4, 10), targets, positions, first_index=0, seed=0)
+    assert (uniform == -100).equal(targets == -100)
+    assert len(set(uniform[1].tolist())) > 1
+    # Keeping fewer positions does not change the draws at the kept ones.
+    kept = torch.tensor([1, 3])
+    some = sampled_targets(torch.zeros(2, 2, 10), targets[:, kept], kept, first_index=0, seed=0)
+    assert some.equal(uniform[:, kept])
 
 
 def test_more_samples_than_data_uses_all_and_warns(caplog):
