@@ -89,9 +89,9 @@ def sampled_targets(
             torch.rand(width, generator=torch.Generator().manual_seed(seed + (i << 32)))
             for i in range(first_index, first_index + targets.shape[0])
         ]
-    ).to(logits.device)[:, positions.cpu()]
+    )[:, positions.cpu()][valid.cpu()]  # drawn on the CPU generator, on any device
     cdf = logits[valid].detach().float().softmax(dim=-1).cumsum(dim=-1)
-    draws = torch.searchsorted(cdf, uniforms[valid.cpu()].to(logits.device).unsqueeze(-1))
+    draws = torch.searchsorted(cdf, uniforms.to(logits.device).unsqueeze(-1))
     sampled = targets.clone()
     sampled[valid] = draws.squeeze(-1).clamp(max=logits.shape[-1] - 1)
     return sampled
