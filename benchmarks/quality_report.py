@@ -81,7 +81,15 @@ def grid_section(rows: list[dict], protocol: Any, table: list[Method], task: str
         return [f"LR grid: {NOT_RUN} (waits for the curve).", ""]
     grids = {m.name: protocol.grid(task, m, steps) for m in table}
     lrs = sorted(set(protocol.args.lrs) | {lr for g in grids.values() for lr in g})
-    failed = {(r["method"], r["lr"]) for r in rows if r["kind"] == "failed" and r["task"] == task}
+    failed = {
+        (r["method"], r["lr"])
+        for r in rows
+        if r["kind"] == "failed"
+        and r["job_kind"] == "grid"
+        and r["task"] == task
+        and r["seed"] == 0
+        and r["steps"] == steps
+    }
     lines = [
         f"LR grid (seed 0, {steps} steps, validation accuracy; **bold** = chosen, ties to the "
         "lower LR; an LR past an edge is tried while the best sits at that edge):",
