@@ -575,20 +575,22 @@ class Runner:
 
     def curve_checkpoint(self, job: Job) -> Path | None:
         """The dense grid point at the curve's LR is the curve run's checkpoint at S (same seed,
-        same data order, constant LR after a fixed warm-up: the same run)."""
+        same data order, constant LR after a fixed warm-up: the same run), while it is on disk
+        (run folders are not committed: on another machine the run is trained again)."""
         for row in self.results.find(kind="curve", task=job.task, method=job.method.name):
             if row["lr"] == job.lr and job.seed == row["seed"] and job.steps == row["plateau_step"]:
                 curve = Job("curve", job.task, job.method, row["lr"], row["seed"], row["steps"])
-                return curve.run_dir(self.args.work) / f"checkpoint-{job.steps}"
+                return on_disk(curve.run_dir(self.args.work) / f"checkpoint-{job.steps}")
         return None
 
     def grid_adapter(self, job: Job) -> Path | None:
-        """Seed 0's test score comes from its grid run at the chosen LR (no retraining)."""
+        """Seed 0's test score comes from its grid run at the chosen LR (no retraining), while
+        that run's adapter is on disk."""
         for row in self.results.find(
             kind="grid", task=job.task, method=job.method.name, lr=job.lr, seed=job.seed
         ):
             if row["steps"] == job.steps:
-                return (
+                return on_disk(
                     Path(row["reused"])
                     if "reused" in row
                     else Job("grid", job.task, job.method, job.lr, job.seed, job.steps).run_dir(
@@ -596,6 +598,11 @@ class Runner:
                     )
                 )
         return None
+
+
+def on_disk(run: Path) -> Path | None:
+    """`run` if it holds a finished adapter or checkpoint, else None (train it again)."""
+    return run if (run / "adapter_config.json").is_file() or (run / "done.json").is_file() else None
 
 
 def token_lengths(model_path: Path, task: Task) -> dict[str, int]:
