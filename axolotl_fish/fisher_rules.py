@@ -161,7 +161,11 @@ def sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_n (g_n^T x_n)^2 for output gradients g: (N, T, O) and inputs x: (N, T, I), in blocks
     of bounded memory, over the tokens that carry gradient. With at most `PAIR_MAX_TOKENS` of
     them per example it is one matrix product over token pairs; else one product per example."""
-    g, x = gradient_tokens(g, x)
+    return _sum_of_squared_outer_over(*gradient_tokens(g, x))
+
+
+def _sum_of_squared_outer_over(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`sum_of_squared_outer` of tensors already cut by `gradient_tokens`."""
     if g.shape[1] <= PAIR_MAX_TOKENS:
         return _token_pair_product(g, x)
     rows, _, out_features = g.shape
@@ -285,7 +289,7 @@ class TiedEmbeddingRule(FisherRule):
         total = scores[self.keys[0]]
         if outputs:
             g, x = gradient_tokens(_cat(outputs, "grad", rows), _cat(outputs, "input", rows))
-            total.add_(sum_of_squared_outer(g, x))
+            total.add_(_sum_of_squared_outer_over(g, x))
         if not lookups:
             return
         ids = _cat(lookups, "input", rows, trailing=False)
