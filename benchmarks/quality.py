@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -39,8 +40,10 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +127,49 @@ def load_task(name: str, data: Path, test: Path | None, args: argparse.Namespace
     return Task(name, train_file, val, held)
 
 
+# Every run trains and is scored on this prompt (Axolotl's user-defined dataset type over the
+# alpaca fields). Alpaca's own template adds a 35-token preamble and headers to every row: with
+# it a sentiment row is 85 tokens on average, with this one 44, and the protocol's compute
+# follows the token count.
+PROMPT = {
+    "field_instruction": "instruction",
+    "field_input": "input",
+    "field_output": "output",
+    "format": "{instruction}\n{input}\nAnswer:\n",
+    "no_input_format": "{instruction}\nAnswer:\n",
+}
+
+
+class PromptTokens:
+    """A row's tokens exactly as `axolotl train` makes them from PROMPT (Axolotl's own
+    tokenizing strategy): the prompt, then the answer plus EOS."""
+
+    def __init__(self, model_path: Path) -> None:
+        from axolotl.prompt_strategies import load
+        from axolotl.utils.dict import DictDefault
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        cfg = DictDefault({"train_on_inputs": False, "sequence_len": 1 << 20})
+        self.strategy = load("user_defined", tokenizer, cfg, dict(PROMPT))
+
+    def full(self, row: dict) -> list[int]:
+        return self.strategy.tokenize_prompt(row)["input_ids"]
+
+    def prompt(self, row: dict) -> list[int]:
+        tokens = self.strategy.tokenize_prompt(row)
+        return tokens["input_ids"][: _prompt_length(tokens["labels"])]
+
+    def answer(self, row: dict) -> list[int]:
+        tokens = self.strategy.tokenize_prompt(row)
+        return tokens["input_ids"][_prompt_length(tokens["labels"]) :]
+
+
+def _prompt_length(labels: list[int]) -> int:
+    """The prompt's tokens are the leading ones without a label (-100)."""
+    return next(i for i, label in enumerate(labels) if label != -100)
+
+
 class LabelScorer:
     """Held-out correctness by comparing the log-likelihood of each label after the prompt.
 
@@ -132,23 +178,15 @@ class LabelScorer:
     """
 
     def __init__(self, model_path: Path, rows: list[dict], batch: int = 16) -> None:
-        from axolotl.prompters import AlpacaPrompter
-        from transformers import AutoTokenizer
-
         self.model_path = model_path
         self.batch = batch
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokens = PromptTokens(model_path)
         self.labels = sorted({row["output"] for row in rows})
         self.gold = torch.tensor([self.labels.index(row["output"]) for row in rows])
-        self.label_ids = [
-            tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for label in self.labels
-        ]
-        prompter = AlpacaPrompter()
-        self.prompts = [
-            tokenizer(next(prompter.build_prompt(row["instruction"], row["input"])))["input_ids"]
-            for row in rows
-        ]
+        # Labels are tokenized on their own after the prompt (plus EOS), as in training.
+        self.label_ids = [tokens.answer({**rows[0], "output": label}) for label in self.labels]
+        self.prompts = [tokens.prompt(row) for row in rows]
+        tokenizer = tokens.strategy.tokenizer
         self.pad = tokenizer.pad_token_id or tokenizer.eos_token_id
 
     def load(self, adapter_dir: Path | None) -> torch.nn.Module:
@@ -217,7 +255,9 @@ def config_for(job: Job, task: Task, args: argparse.Namespace, save_every: int =
     fish_mask = fragment.pop("fish_mask", None)
     config: dict[str, Any] = {
         "base_model": str(args.model.resolve()),
-        "datasets": [{"path": str(task.train_file.resolve()), "ds_type": "json", "type": "alpaca"}],
+        "datasets": [
+            {"path": str(task.train_file.resolve()), "ds_type": "json", "type": dict(PROMPT)}
+        ],
         "dataset_prepared_path": str((args.work / task.name / "prepared").resolve()),
         "val_set_size": 0,
         "sequence_len": args.sequence_len,
@@ -304,6 +344,7 @@ def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
         "train_runtime": float(found[-1]) if found else wall,
         # The machine is shared: the 15-minute load average at the end says how much.
         "load_avg_15min": round(os.getloadavg()[2], 1),
+        "threads": threads,
     }
     write_atomic(done, json.dumps(timing))
     return timing
@@ -425,13 +466,15 @@ class Protocol:
             return None
         return best
 
-    def next_grid_lr(self, task: str, method: Method, steps: int) -> float | None:
+    def grid_lrs(self, task: str, method: Method, steps: int) -> list[float]:
+        """The grid's LRs still to run: every missing starting LR (they can run at once), then
+        one ladder step past an edge, once the grid so far is complete."""
         grid = self.grid(task, method, steps)
         missing = [lr for lr in (method.lrs or self.args.lrs) if lr not in grid]
         if missing:
-            return missing[0]
+            return missing
         _, more = choose_lr(grid)
-        return more if more is not None and self.args.lr_min <= more <= self.args.lr_max else None
+        return [more] if more is not None and self.args.lr_min <= more <= self.args.lr_max else []
 
     def stages(self) -> Iterator[tuple[str, int | str]]:
         tasks = list(self.args.task_names)
@@ -460,8 +503,7 @@ class Protocol:
                 continue
             methods = [m for m in self.table if m.tier == stage]
             for method in methods:
-                lr = self.next_grid_lr(task, method, steps)
-                if lr is not None:
+                for lr in self.grid_lrs(task, method, steps):
                     yield Job("grid", task, method, lr, 0, steps)
             for seed in args.seeds:
                 for method in methods:
@@ -476,8 +518,11 @@ class Protocol:
             self.results.find(kind=job.kind, steps=job.steps, **match)
         )
 
-    def next_job(self) -> Job | None:
-        return next((job for job in self.jobs() if not self.done(job)), None)
+    def next_job(self, busy: set[tuple] = frozenset()) -> Job | None:
+        """The first job not done and not running (`busy`: keys of the jobs in flight)."""
+        return next(
+            (job for job in self.jobs() if job.key not in busy and not self.done(job)), None
+        )
 
 
 # ---------------------------------------------------------------- running jobs
@@ -489,12 +534,14 @@ class Runner:
         self.results = results
         self.tasks = tasks
         self.scorers: dict[tuple[str, str], LabelScorer] = {}
+        self.lock = threading.Lock()  # runs score from worker threads
 
     def scorer(self, task: str, split: str) -> LabelScorer:
-        if (task, split) not in self.scorers:
-            rows = getattr(self.tasks[task], split)
-            self.scorers[task, split] = LabelScorer(self.args.model, rows)
-        return self.scorers[task, split]
+        with self.lock:
+            if (task, split) not in self.scorers:
+                rows = getattr(self.tasks[task], split)
+                self.scorers[task, split] = LabelScorer(self.args.model, rows)
+            return self.scorers[task, split]
 
     def base_row(self, job: Job) -> dict[str, Any]:
         return {
@@ -523,8 +570,9 @@ class Runner:
             }
         )
 
-    def run(self, job: Job) -> str:
-        self.untrained(job.task)
+    def run(self, job: Job) -> dict[str, Any]:
+        """Train (unless reused) and score one job: its results row. Safe to call from several
+        threads at once for different jobs."""
         task = self.tasks[job.task]
         run_dir = job.run_dir(self.args.work)
         row = self.base_row(job)
@@ -569,9 +617,7 @@ class Runner:
             row[f"{split}_acc"] = float(correct.float().mean())
             if not grid:
                 row["test_correct"] = bits(correct)
-        self.results.append(row)
-        value = row.get("val_acc", row.get("test_acc", row.get("plateau_step")))
-        return f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed}: {value}"
+        return row
 
     def curve_checkpoint(self, job: Job) -> Path | None:
         """The dense grid point at the curve's LR is the curve run's checkpoint at S (same seed,
@@ -607,20 +653,8 @@ def on_disk(run: Path) -> Path | None:
 
 def token_lengths(model_path: Path, task: Task) -> dict[str, int]:
     """Prompt + answer + EOS token counts of the training rows: max and 95th percentile."""
-    from axolotl.prompters import AlpacaPrompter
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompter = AlpacaPrompter()
-    lengths = sorted(
-        len(
-            tokenizer(next(prompter.build_prompt(r["instruction"], r["input"])) + r["output"])[
-                "input_ids"
-            ]
-        )
-        + 1
-        for r in read_jsonl(task.train_file)
-    )
+    tokens = PromptTokens(model_path)
+    lengths = sorted(len(tokens.full(row)) for row in read_jsonl(task.train_file))
     return {
         "max": lengths[-1],
         "p95": lengths[int(0.95 * (len(lengths) - 1))],
@@ -663,6 +697,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads, here and in training"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="trainings at once (2 x 1 thread: 1.2x of 1 x 2)"
+    )
     parser.add_argument("--margin", type=float, default=0.01, help="'matches' = CI within +-margin")
     parser.add_argument("--max-jobs", type=int, help="stop after this many runs")
     parser.add_argument(
@@ -693,8 +730,70 @@ def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model.name,
         "sequence_len": args.sequence_len,
         "curve_lr": args.curve_lr,
+        "prompt": PROMPT["format"],
         **{key: getattr(args, key) for key in keys},
     }
+
+
+def sweep(
+    args: argparse.Namespace,
+    protocol: Protocol,
+    runner: Runner,
+    results: Results,
+    report: Callable[[], None],
+) -> None:
+    """Run jobs, up to --workers at once (each training with --threads torch threads), until
+    none can start. This thread alone records results and rebuilds the report."""
+    started, failures, clock = 0, 0, time.perf_counter()
+    running: dict[Future, Job] = {}
+    with ThreadPoolExecutor(args.workers) as pool:
+        while True:
+            while len(running) < args.workers and (
+                args.max_jobs is None or started < args.max_jobs
+            ):
+                job = protocol.next_job({j.key for j in running.values()})
+                if job is None:
+                    break
+                runner.untrained(job.task)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {job.kind} {job.task} {job.method.name} "
+                    f"lr {job.lr:g} seed {job.seed} steps {job.steps}",
+                    flush=True,
+                )
+                running[pool.submit(runner.run, job)] = job
+                started += 1
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                name = f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed}"
+                try:
+                    row = future.result()
+                    results.append(row | {"workers": args.workers})
+                    value = row.get("val_acc", row.get("test_acc", row.get("plateau_step")))
+                    outcome, failures = f"{name}: {value}", 0
+                except (RuntimeError, OSError, ValueError) as err:
+                    # One broken method must not stop an unattended sweep: record it, go on;
+                    # several in a row mean the environment is broken (e.g. the venv is being
+                    # reinstalled).
+                    protocol.failed.add(job.key)
+                    failures += 1
+                    results.append(
+                        {
+                            **runner.base_row(job),
+                            "kind": "failed",
+                            "job_kind": job.kind,
+                            "error": str(err)[-2000:],
+                        }
+                    )
+                    outcome = f"{name} FAILED: {str(err)[-300:]}"
+                    if failures >= MAX_FAILURES_IN_A_ROW:
+                        message = f"{failures} runs failed in a row; stopping (last: {outcome})"
+                        raise SystemExit(message) from err
+                minutes = (time.perf_counter() - clock) / 60
+                print(f"  -> {outcome}; {started} started in {minutes:.1f} min", flush=True)
+                report()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -702,11 +801,16 @@ def main(argv: list[str] | None = None) -> None:
     # being reinstalled underneath it (the training subprocesses wait for it, see train()).
     import matplotlib.pyplot  # noqa: F401  (the report's plots)
     import peft  # noqa: F401  (loading adapters to score them)
-    from axolotl.prompters import AlpacaPrompter  # noqa: F401
+    from axolotl.prompt_strategies import user_defined  # noqa: F401
     from quality_report import write_report
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    settings = protocol_settings(args)
+    # Run folders belong to one protocol: a run of another prompt or rank is never reused.
+    args.work = (
+        args.work / hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    )
     if args.data is not None:
         tasks = {args.task_names[0]: load_task(args.task_names[0], args.data, args.test, args)}
     else:
@@ -728,7 +832,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"unknown method {unknown[0]!r}; known: {[m.name for m in table]}")
         table = [m for i, m in enumerate(table) if i == 0 or m.name in args.methods]
-    results = Results(args.results, protocol_settings(args))
+    results = Results(args.results, settings)
     protocol = Protocol(args, results, table)
     runner = Runner(args, results, tasks)
     if args.plan:
@@ -738,42 +842,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"steps {job.steps}"
             )
         return
-    count, failures, start = 0, 0, time.perf_counter()
-    while not args.report and (args.max_jobs is None or count < args.max_jobs):
-        job = protocol.next_job()
-        if job is None:
-            break
-        print(
-            f"[{time.strftime('%H:%M:%S')}] {job.kind} {job.task} {job.method.name} "
-            f"lr {job.lr:g} seed {job.seed} steps {job.steps}",
-            flush=True,
-        )
-        try:
-            outcome = runner.run(job)
-            failures = 0
-        except (RuntimeError, OSError, ValueError) as err:
-            # One broken method must not stop an unattended sweep: record it, go on; several
-            # in a row mean the environment is broken (e.g. the venv is being reinstalled).
-            protocol.failed.add(job.key)
-            failures += 1
-            results.append(
-                {
-                    **runner.base_row(job),
-                    "kind": "failed",
-                    "job_kind": job.kind,
-                    "error": str(err)[-2000:],
-                }
-            )
-            outcome = f"FAILED: {str(err)[-300:]}"
-            if failures >= MAX_FAILURES_IN_A_ROW:
-                message = f"{failures} runs failed in a row; stopping (last: {outcome})"
-                raise SystemExit(message) from err
-        count += 1
-        print(
-            f"  -> {outcome}; {count} runs in {(time.perf_counter() - start) / 60:.1f} min",
-            flush=True,
-        )
-        write_report(args, results, protocol, table)
+    if not args.report:
+        sweep(args, protocol, runner, results, lambda: write_report(args, results, protocol, table))
     write_report(args, results, protocol, table)
 
 

@@ -213,7 +213,8 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
     lines += [
         "",
         f"Measurement (a), {measure['task']}: {measure['seconds_per_step']:.2f} s per step at "
-        f"micro-batch {args.micro_batch} ({args.threads} torch thread; 15-minute load average "
+        f"micro-batch {args.micro_batch} ({measure.get('threads', args.threads)} torch "
+        f"thread(s), one training at a time; 15-minute load average "
         f"{measure.get('load_avg_15min', '?')} on the {os.cpu_count()} cores), start-up "
         f"{measure['startup_seconds']:.0f} s per `axolotl train`, scoring "
         f"{measure['val_rows_per_second']:.1f} rows/s (model load included); training rows "
@@ -227,7 +228,9 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
         f"{rows_left / measure['val_rows_per_second'] / 3600:.1f} h of scoring "
         f"({rows_left:,} rows); grids counted at their starting LRs (edge extensions come on "
         "top); where the curve has not chosen S yet, S is taken as half of --curve-steps "
-        f"= {args.curve_steps // 2}.",
+        f"= {args.curve_steps // 2}. That is one training at a time; two at once with one "
+        "thread each (`--workers 2 --threads 1`) measured 1.22x the throughput of one with two "
+        "threads (docs/benchmarks.md).",
         "",
     ]
     return lines
