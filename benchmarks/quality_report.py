@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import machine
+import torch
 from quality_methods import LR_WARMUP_STEPS, Method, comparisons
 from quality_stats import Difference, paired_bootstrap
 
@@ -179,9 +180,17 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
     trained = [r for r in rows if r["kind"] in ("measure", "curve", "grid", "test")]
     wall = sum(r.get("wall_seconds", 0.0) for r in trained)
     measure = next((r for r in rows if r["kind"] == "measure"), None)
+    setups = Counter(
+        f"{r.get('workers', 1)} at once x {r['threads']} thread(s)"
+        for r in trained
+        if "threads" in r
+    )
     lines = [
         f"Compute so far: {len(trained)} recorded run(s), `axolotl train` wall time "
-        f"{wall / 3600:.2f} h in all (scoring not included), on {machine()}."
+        f"{wall / 3600:.2f} h in all (scoring not included; runs side by side each count), on "
+        f"{os.cpu_count()} CPU cores (torch {torch.__version__}); trainings "
+        + (", ".join(f"{n} run(s) {setup}" for setup, n in setups.items()) or "none")
+        + "."
     ]
     if measure is None:
         return [*lines, f"Measurement (a): {NOT_RUN}.", ""]
