@@ -90,6 +90,12 @@ class Job:
     def key(self) -> tuple:
         return (self.kind, self.task, self.method.name, self.lr, self.seed, self.steps)
 
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} {self.task} {self.method.name} lr {self.lr:g} seed {self.seed} "
+            f"steps {self.steps}"
+        )
+
     def run_dir(self, work: Path) -> Path:
         slug = re.sub(r"[^A-Za-z0-9.%+-]+", "_", self.method.name).strip("_")
         return work / self.task / self.kind / slug / f"lr{self.lr:g}_seed{self.seed}_n{self.steps}"
@@ -156,18 +162,11 @@ class PromptTokens:
     def full(self, row: dict) -> list[int]:
         return self.strategy.tokenize_prompt(row)["input_ids"]
 
-    def prompt(self, row: dict) -> list[int]:
+    def split(self, row: dict) -> tuple[list[int], list[int]]:
+        """(prompt, answer + EOS): the answer starts at the first token with a label."""
         tokens = self.strategy.tokenize_prompt(row)
-        return tokens["input_ids"][: _prompt_length(tokens["labels"])]
-
-    def answer(self, row: dict) -> list[int]:
-        tokens = self.strategy.tokenize_prompt(row)
-        return tokens["input_ids"][_prompt_length(tokens["labels"]) :]
-
-
-def _prompt_length(labels: list[int]) -> int:
-    """The prompt's tokens are the leading ones without a label (-100)."""
-    return next(i for i, label in enumerate(labels) if label != -100)
+        start = next(i for i, label in enumerate(tokens["labels"]) if label != -100)
+        return tokens["input_ids"][:start], tokens["input_ids"][start:]
 
 
 class LabelScorer:
@@ -184,8 +183,8 @@ class LabelScorer:
         self.labels = sorted({row["output"] for row in rows})
         self.gold = torch.tensor([self.labels.index(row["output"]) for row in rows])
         # Labels are tokenized on their own after the prompt (plus EOS), as in training.
-        self.label_ids = [tokens.answer({**rows[0], "output": label}) for label in self.labels]
-        self.prompts = [tokens.prompt(row) for row in rows]
+        self.label_ids = [tokens.split({**rows[0], "output": label})[1] for label in self.labels]
+        self.prompts = [tokens.split(row)[0] for row in rows]
         tokenizer = tokens.strategy.tokenizer
         self.pad = tokenizer.pad_token_id or tokenizer.eos_token_id
 
@@ -759,11 +758,7 @@ def sweep(
                 if job is None:
                     break
                 runner.untrained(job.task)
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {job.kind} {job.task} {job.method.name} "
-                    f"lr {job.lr:g} seed {job.seed} steps {job.steps}",
-                    flush=True,
-                )
+                print(f"[{time.strftime('%H:%M:%S')}] {job}", flush=True)
                 running[pool.submit(runner.run, job)] = job
                 started += 1
             if not running:
@@ -771,12 +766,11 @@ def sweep(
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = running.pop(future)
-                name = f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed}"
                 try:
                     row = future.result()
                     results.append(row | {"workers": args.workers})
                     value = row.get("val_acc", row.get("test_acc", row.get("plateau_step")))
-                    outcome, failures = f"{name}: {value}", 0
+                    outcome, failures = f"{job}: {value}", 0
                 except (RuntimeError, OSError, ValueError) as err:
                     # One broken method must not stop an unattended sweep: record it, go on;
                     # several in a row mean the environment is broken (e.g. the venv is being
@@ -791,7 +785,7 @@ def sweep(
                             "error": str(err)[-2000:],
                         }
                     )
-                    outcome = f"{name} FAILED: {str(err)[-300:]}"
+                    outcome = f"{job} FAILED: {str(err)[-300:]}"
                     if failures >= MAX_FAILURES_IN_A_ROW:
                         message = f"{failures} runs failed in a row; stopping (last: {outcome})"
                         raise SystemExit(message) from err
@@ -841,10 +835,7 @@ def main(argv: list[str] | None = None) -> None:
     runner = Runner(args, results, tasks)
     if args.plan:
         for job in (job for job in protocol.jobs() if not protocol.done(job)):
-            print(
-                f"{job.kind} {job.task} {job.method.name} lr {job.lr:g} seed {job.seed} "
-                f"steps {job.steps}"
-            )
+            print(job)
         return
     if not args.report:
         sweep(args, protocol, runner, results, lambda: write_report(args, results, protocol, table))
