@@ -37,8 +37,11 @@ demo: $(CACHE)/.assets
 	$(BIN)/python -m axolotl_fish.integration.demo_report $(DEMO_CONFIG) \
 		--test $(CACHE)/sentiment/test.jsonl --rows 300
 
+# Two pytest workers, one test file each at a time (module fixtures train once): the suite is
+# mostly `axolotl train` subprocesses, which leave a second core idle.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check axolotl_fish tests benchmarks

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -212,6 +213,28 @@ def _offline_env() -> dict[str, str]:
     env = {**os.environ, **OFFLINE_ENV}
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_process_launch() -> tuple[str, ...]:
+    """``axolotl train`` arguments that start 2 processes through ``accelerate launch``, meeting on
+    a free port: tests run side by side (``pytest -n``) would otherwise all meet on 29500."""
+    return (
+        "--launcher",
+        "accelerate",
+        "--",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+    )
 
 
 def start_axolotl(

@@ -1,7 +1,8 @@
 """Two processes on CPU (gloo) through the real `axolotl train` CLI: one mask, held by both ranks.
 
 The launch command is the one the README gives for multi-process training on CPU:
-`ACCELERATE_USE_CPU=1 axolotl train CONFIG --launcher accelerate -- --multi_gpu --num_processes 2`.
+`ACCELERATE_USE_CPU=1 axolotl train CONFIG --launcher accelerate -- --multi_gpu --num_processes 2`,
+plus `--main_process_port` on a free port (`two_process_launch`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 
 import pytest
 import torch
-from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
+from axolotl_run import load_adapter_tensors, run_axolotl_train, two_process_launch, write_config
 from safetensors.torch import load_file
 
 from axolotl_fish.distributed import mask_digest
@@ -19,7 +20,6 @@ from axolotl_fish.sparse_delta import SparseDelta
 
 pytestmark = pytest.mark.e2e
 
-DDP = ("--launcher", "accelerate", "--", "--multi_gpu", "--num_processes", "2")
 ON_CPU = {"ACCELERATE_USE_CPU": "1"}
 # k below the lora_B count: the ranking among B entries is decided by real Fisher scores, and
 # masked B entries must stay exactly 0 (their initial value) in every checkpoint. Data in file
@@ -39,7 +39,7 @@ SETTINGS = {
 def runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
     """The same config trained by 2 processes and by 1."""
     logs, outs = {}, {}
-    for name, cli_args in (("ddp", DDP), ("single", ())):
+    for name, cli_args in (("ddp", two_process_launch()), ("single", ())):
         tmp = tmp_path_factory.mktemp(name)
         config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **SETTINGS)
         logs[name] = run_axolotl_train(config, cwd=tmp, cli_args=cli_args, env=ON_CPU).stdout
@@ -89,7 +89,7 @@ def test_processes_that_would_each_train_alone_are_refused(tmp_path, tiny_llama_
     """Without ACCELERATE_USE_CPU accelerate runs each CPU process as a separate job."""
     config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **SETTINGS)
     with pytest.raises(AssertionError, match="2 processes were launched but the Trainer runs 1"):
-        run_axolotl_train(config, cwd=tmp_path, cli_args=DDP)
+        run_axolotl_train(config, cwd=tmp_path, cli_args=two_process_launch())
 
 
 def test_full_parameter_mode_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
@@ -97,7 +97,7 @@ def test_full_parameter_mode_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
     base's masked entries bitwise, and its fish_delta rebuilds it bit for bit."""
     settings = SETTINGS | {"adapter": None, "fish_mask": {"keep_ratio": 0.05, "num_samples": 8}}
     config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **settings)
-    log = run_axolotl_train(config, cwd=tmp_path, cli_args=DDP, env=ON_CPU).stdout
+    log = run_axolotl_train(config, cwd=tmp_path, cli_args=two_process_launch(), env=ON_CPU).stdout
     held = dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", log))
     assert len(held) == 2 and len(set(held.values())) == 1
     out = tmp_path / "out"

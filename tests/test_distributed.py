@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from axolotl_run import free_port
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
@@ -18,12 +18,6 @@ from axolotl_fish.fisher import fisher_scores
 
 WORLD = 2
 STRATEGIES = ("fisher", "random", "reverse")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from axolotl_run import load_adapter_tensors, run_axolotl, run_axolotl_train, write_config
+from axolotl_run import (
+    load_adapter_tensors,
+    run_axolotl,
+    run_axolotl_train,
+    two_process_launch,
+    write_config,
+)
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -27,7 +33,6 @@ from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 pytestmark = pytest.mark.e2e
 
 SHIM = Path(__file__).parent / "fsdp_cpu_shim"
-LAUNCH = ("--launcher", "accelerate", "--", "--multi_gpu", "--num_processes", "2")
 RANK_FILES = {"__0_0.distcp", "__1_0.distcp"}
 FSDP2 = {
     "fsdp_version": 2,
@@ -68,7 +73,9 @@ def fsdp2_on_cpu() -> dict[str, str]:
 
 
 def train_fsdp2(config: Path) -> str:
-    return run_axolotl_train(config, cwd=config.parent, cli_args=LAUNCH, env=fsdp2_on_cpu()).stdout
+    return run_axolotl_train(
+        config, cwd=config.parent, cli_args=two_process_launch(), env=fsdp2_on_cpu()
+    ).stdout
 
 
 def sharded_weights(checkpoint: Path) -> Path:
