@@ -8,7 +8,7 @@ the prediction; no generation, no parsing.
 The protocol runs in phases, per task, in the order that settles the main questions first:
 
   a. measure   one short dense run: seconds per step, start-up, scoring speed, token lengths
-  b. curve     dense LoRA at one LR, a checkpoint every --curve-every steps, each scored on the
+  b. curve     dense LoRA at one LR, a checkpoint every --checkpoint-every steps, each scored on the
                validation split; the run length S of every later run is the first checkpoint
                within --plateau-tol of the best (the plateau), unless --steps is given
   c. grid      per method (benchmarks/quality_methods.py), seed 0, S steps, LRs from the ladder
@@ -252,8 +252,12 @@ def bits(correct: torch.Tensor) -> str:
 # ---------------------------------------------------------------- training
 
 
-def config_for(job: Job, task: Task, args: argparse.Namespace, save_every: int = 0) -> dict:
-    """An ordinary Axolotl config; the method's fragment is merged over it."""
+def config_for(job: Job, task: Task, args: argparse.Namespace, keep_all: bool = False) -> dict:
+    """An ordinary Axolotl config; the method's fragment is merged over it. Every run saves a
+    checkpoint each --checkpoint-every steps and resumes from its last one after a kill (a
+    stopped session loses at most that many steps); `keep_all` keeps every checkpoint (the
+    curve scores each), otherwise only the last is kept."""
+    every = args.checkpoint_every
     fragment = copy.deepcopy(job.method.config)
     fish_mask = fragment.pop("fish_mask", None)
     config: dict[str, Any] = {
@@ -281,18 +285,10 @@ def config_for(job: Job, task: Task, args: argparse.Namespace, save_every: int =
         "seed": job.seed,
         "output_dir": str(job.run_dir(args.work).resolve()),
         "logging_steps": 10,
-        "save_strategy": "steps" if save_every else "no",
-        # A long run with checkpoints (the curve) resumes from its last one after a kill.
-        **(
-            {
-                "save_steps": save_every,
-                # Every checkpoint is scored: Axolotl would keep only the last 4.
-                "save_total_limit": job.steps // save_every + 1,
-                "auto_resume_from_checkpoints": True,
-            }
-            if save_every
-            else {}
-        ),
+        "save_strategy": "steps",
+        "save_steps": every,
+        "save_total_limit": job.steps // every + 1 if keep_all else 1,
+        "auto_resume_from_checkpoints": True,
         **fragment,
     }
     if config.get("adapter") == "lora":
@@ -312,6 +308,8 @@ def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
     if done.is_file():
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Axolotl resumes from the last checkpoint; the wall time of the killed part is lost.
+    resumed = max((int(c.name.split("-")[1]) for c in run_dir.glob("checkpoint-*")), default=0)
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(threads)}
@@ -348,6 +346,7 @@ def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
         # The machine is shared: the 15-minute load average at the end says how much.
         "load_avg_15min": round(os.getloadavg()[2], 1),
         "threads": threads,
+        **({"resumed_from_step": resumed} if resumed else {}),
     }
     write_atomic(done, json.dumps(timing))
     return timing
@@ -592,8 +591,8 @@ class Runner:
                 "tokens": token_lengths(self.args.model, task),
             }
         elif job.kind == "curve":
-            every = self.args.curve_every
-            timing = train(config_for(job, task, self.args, every), run_dir, self.args.threads)
+            every = self.args.checkpoint_every
+            timing = train(config_for(job, task, self.args, True), run_dir, self.args.threads)
             points = []
             for step in range(every, job.steps + 1, every):
                 val = self.scorer(job.task, "val").correct(run_dir / f"checkpoint-{step}")
@@ -693,7 +692,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-max", type=float, default=0.1)
     parser.add_argument("--curve-lr", type=float, default=1e-3)
     parser.add_argument("--curve-steps", type=int, default=240)
-    parser.add_argument("--curve-every", type=int, default=30)
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=30,
+        help="steps between checkpoints: the curve's points, and where a killed run resumes",
+    )
     parser.add_argument("--plateau-tol", type=float, default=0.01)
     parser.add_argument("--steps", type=int, help="fixed run length (skips the curve phase)")
     parser.add_argument("--measure-steps", type=int, default=10)

@@ -192,6 +192,12 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
         + (", ".join(f"{n} run(s) {setup}" for setup, n in setups.items()) or "none")
         + "."
     ]
+    resumed = [r for r in trained if "resumed_from_step" in r]
+    if resumed:
+        lines[0] += (
+            f" {len(resumed)} run(s) resumed from a checkpoint after a stop; the part before it is"
+            " not in that wall time."
+        )
     if measure is None:
         return [*lines, f"Measurement (a): {NOT_RUN}.", ""]
     args = protocol.args
@@ -204,7 +210,7 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
         if protocol.steps(task) is None and not args.steps:
             remaining += args.curve_steps * per_step + measure["startup_seconds"]
             runs_left += 1
-            rows_left += args.curve_steps // args.curve_every * args.val_size
+            rows_left += args.curve_steps // args.checkpoint_every * args.val_size
         for method in table:
             grid = protocol.grid(task, method, steps)
             todo = [lr for lr in (method.lrs or args.lrs) if lr not in grid]
