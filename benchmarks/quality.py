@@ -592,7 +592,9 @@ class Runner:
             }
         elif job.kind == "curve":
             every = self.args.checkpoint_every
-            timing = train(config_for(job, task, self.args, True), run_dir, self.args.threads)
+            timing = train(
+                config_for(job, task, self.args, keep_all=True), run_dir, self.args.threads
+            )
             points = []
             for step in range(every, job.steps + 1, every):
                 val = self.scorer(job.task, "val").correct(run_dir / f"checkpoint-{step}")
