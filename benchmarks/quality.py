@@ -15,11 +15,14 @@ The protocol runs in phases, per task, in the order that settles the main questi
                1e-4, 3e-4, 1e-3, 3e-3, 1e-2, ...: --lrs first, one more step past an edge while
                the best validation accuracy is at that edge
   d. seeds     the chosen LR (best validation accuracy; ties go to the lower LR) scored on the
-               test split for seed 0 (the grid run) and trained + scored for the other seeds
+               test split for seed 0 (the grid run) and trained + scored for the other seeds:
+               --seeds for every method, and for tier 1 (the main questions) the further
+               --main-seeds once every task's tier 1 has its --seeds
   e. report    docs/quality.md and plots, rebuilt after every run: per-seed values, means,
                paired bootstrap 95% intervals against dense LoRA and of Fisher vs random
 
-Methods come in tiers; the order is task 1 tier 1, task 2 tier 1, task 1 tier 2, ... Every
+Methods come in tiers; the order is task 1 tier 1, task 2 tier 1, tier 1's further seeds on
+task 1 and task 2, task 1 tier 2, task 2 tier 2, ... Every
 finished run is one line in the results file (rewritten atomically); a rerun of the same command
 skips what is there and continues, and a training whose run folder is complete is not redone.
 
@@ -478,15 +481,26 @@ class Protocol:
         _, more = choose_lr(grid)
         return [more] if more is not None and self.args.lr_min <= more <= self.args.lr_max else []
 
+    @property
+    def main_tier(self) -> int:
+        return min(m.tier for m in self.table)
+
+    def seeds(self, method: Method) -> list[int]:
+        """The seeds a method is tested at: tier 1 gets --main-seeds on top of --seeds."""
+        main = method.tier == self.main_tier
+        return sorted(set(self.args.seeds) | set(self.args.main_seeds if main else ()))
+
     def stages(self) -> Iterator[tuple[str, int | str]]:
         tasks = list(self.args.task_names)
         yield tasks[0], "measure"
-        tiers = sorted({m.tier for m in self.table})
-        for tier in tiers:
+        for tier in sorted({m.tier for m in self.table}):
             for task in tasks:
-                if tier == tiers[0]:
+                if tier == self.main_tier:
                     yield task, "curve"
                 yield task, tier
+            if tier == self.main_tier:
+                for task in tasks:
+                    yield task, "main seeds"
 
     def jobs(self) -> Iterator[Job]:
         """Every job of the protocol in order; jobs that depend on unfinished ones are held
@@ -503,11 +517,16 @@ class Protocol:
             steps = self.steps(task)
             if steps is None:
                 continue
-            methods = [m for m in self.table if m.tier == stage]
-            for method in methods:
-                for lr in self.grid_lrs(task, method, steps):
-                    yield Job("grid", task, method, lr, 0, steps)
-            for seed in args.seeds:
+            if stage == "main seeds":
+                methods = [m for m in self.table if m.tier == self.main_tier]
+                seeds = sorted(set(args.main_seeds) - set(args.seeds))
+            else:
+                methods = [m for m in self.table if m.tier == stage]
+                seeds = args.seeds
+                for method in methods:
+                    for lr in self.grid_lrs(task, method, steps):
+                        yield Job("grid", task, method, lr, 0, steps)
+            for seed in seeds:
                 for method in methods:
                     chosen = self.chosen_lr(task, method, steps)
                     if chosen is not None:
@@ -682,6 +701,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=400)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--main-seeds",
+        type=int,
+        nargs="*",
+        default=[0, 1, 2, 3, 4],
+        help="tier 1's seeds (the main questions); the ones beyond --seeds run after every "
+        "task's tier 1 has its --seeds",
+    )
     parser.add_argument("--rank", type=int, default=8, help="r: dense rank = masked budget")
     parser.add_argument(
         "--warmup", type=int, default=10, help="fish_mask.warmup_steps of the remedy"

@@ -34,16 +34,26 @@ def difference(tests: dict[str, list[dict]], a: str, b: str) -> Difference | Non
     return paired_bootstrap(correct_matrix(tests[a], seeds), correct_matrix(tests[b], seeds))
 
 
+def planned_pair(protocol: Any, table: list[Method], a: str, b: str) -> int:
+    """How many seeds the protocol will test both methods at (the claim waits for all)."""
+    by_name = {method.name: method for method in table}
+    return len(set(protocol.seeds(by_name[a])) & set(protocol.seeds(by_name[b])))
+
+
+def all_seeds(protocol: Any, table: list[Method]) -> list[int]:
+    return sorted({seed for method in table for seed in protocol.seeds(method)})
+
+
 def status(protocol: Any, table: list[Method], task: str, rows: list[dict]) -> list[str]:
     steps = protocol.steps(task)
     chosen = [m for m in table if steps and protocol.chosen_lr(task, m, steps) is not None]
     tests = [r for r in rows if r["kind"] == "test" and r["task"] == task]
     curve = [r for r in rows if r["kind"] == "curve" and r["task"] == task]
-    seeds = protocol.args.seeds
+    planned = sum(len(protocol.seeds(method)) for method in table)
     return [
         f"- **{task}**: curve (b) {'done, S = ' + str(steps) + ' steps' if curve else NOT_RUN}; "
         f"LR grid (c) complete for {len(chosen)} of {len(table)} methods; test runs (d) "
-        f"{len(tests)} of {len(table) * len(seeds)} (methods x seeds)."
+        f"{len(tests)} of {planned} (each method at its seeds)."
     ]
 
 
@@ -117,7 +127,7 @@ def grid_section(rows: list[dict], protocol: Any, table: list[Method], task: str
 def test_section(
     rows: list[dict], protocol: Any, table: list[Method], task: str, margin: float
 ) -> tuple[list[str], dict[str, Difference]]:
-    seeds = protocol.args.seeds
+    seeds = all_seeds(protocol, table)
     tests: dict[str, list[dict]] = {}
     for row in rows:
         if row["kind"] == "test" and row["task"] == task:
@@ -130,7 +140,9 @@ def test_section(
         + (f"; untrained model {untrained['test_acc']:.3f}" if untrained else "")
         + f". Difference to {dense}: mean over seeds, in points, with its paired bootstrap 95% "
         "interval (seeds and rows resampled) and the Student-t 95% interval over the per-seed "
-        "differences (t):",
+        "differences (t). Tier 1 is tested at "
+        f"{len(protocol.seeds(table[0]))} seeds, the other tiers at {len(protocol.args.seeds)}; "
+        "a blank seed cell is one the protocol does not run:",
         "",
         "| method | trainable entries | LR | "
         + " | ".join(f"seed {s}" for s in seeds)
@@ -140,20 +152,23 @@ def test_section(
     diffs: dict[str, Difference] = {}
     for method in table:
         by_seed = {r["seed"]: r for r in tests.get(method.name, [])}
+        planned = protocol.seeds(method)
+        cells = [
+            f"{by_seed[s]['test_acc']:.3f}" if s in by_seed else NOT_RUN if s in planned else ""
+            for s in seeds
+        ]
         if not by_seed:
-            lines.append(
-                f"| {method.name} | | | " + " | ".join([NOT_RUN] * len(seeds)) + " | | | |"
-            )
+            lines.append(f"| {method.name} | | | " + " | ".join(cells) + " | | | |")
             continue
         first = next(iter(by_seed.values()))
-        accs = [by_seed[s]["test_acc"] for s in seeds if s in by_seed]
-        cells = [f"{by_seed[s]['test_acc']:.3f}" if s in by_seed else NOT_RUN for s in seeds]
+        accs = [row["test_acc"] for row in by_seed.values()]
         versus, claim = "", ""
         if method.name != dense:
             diff = difference(tests, method.name, dense)
             if diff is not None:
                 diffs[method.name] = diff
-                versus, claim = str(diff), diff.claim(method.name, dense, margin)
+                pair = planned_pair(protocol, table, method.name, dense)
+                versus, claim = str(diff), diff.claim(method.name, dense, margin, pair)
         k = f"{first['k']:,}" if first.get("k") is not None else "?"
         lines.append(
             f"| {method.name} | {k} | {first['lr']:g} | "
@@ -173,7 +188,8 @@ def test_section(
         if diff is None:
             lines.append(f"| {question} | {a} | {b} | {NOT_RUN} | |")
         else:
-            lines.append(f"| {question} | {a} | {b} | {diff} | {diff.claim(a, b, margin)} |")
+            claim = diff.claim(a, b, margin, planned_pair(protocol, table, a, b))
+            lines.append(f"| {question} | {a} | {b} | {diff} | {claim} |")
     return [*lines, ""], diffs
 
 
@@ -220,9 +236,10 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
                 for r in rows
                 if r["kind"] == "test" and r["task"] == task and r["method"] == method.name
             }
-            todo_runs = len(todo) + len([s for s in args.seeds if s not in tested and s != 0])
+            untested = [s for s in protocol.seeds(method) if s not in tested]
+            todo_runs = len(todo) + len([s for s in untested if s != 0])
             rows_left += len(todo) * args.val_size
-            rows_left += len([s for s in args.seeds if s not in tested]) * args.test_size
+            rows_left += len(untested) * args.test_size
             extra = 0.0 if method.dense else fisher_pass * (2 if "warm-up" in method.name else 1)
             remaining += todo_runs * (steps * per_step + measure["startup_seconds"] + extra)
             runs_left += todo_runs
@@ -329,8 +346,9 @@ def write_report(
         f"Generated by `benchmarks/quality.py` from `{args.results}` at "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The protocol and how to read this "
         "page: [benchmarks.md](benchmarks.md#quality-at-equal-budget). A claim appears only where "
-        f"{MIN_SEEDS_FOR_CLAIM} seeds are in and both intervals allow it (the paired bootstrap and "
-        "the Student-t interval over the per-seed differences, marked t); 'matches' means both "
+        f"every seed the protocol plans for both methods is in (at least {MIN_SEEDS_FOR_CLAIM})"
+        " and both intervals allow it (the paired bootstrap and the Student-t interval over the "
+        "per-seed differences, marked t); 'matches' means both "
         f"lie within +-{100 * args.margin:g} point(s).",
         "",
         "## Status",

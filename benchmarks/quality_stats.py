@@ -32,10 +32,12 @@ class Difference:
     t_low: float  # Student t over the per-seed differences (nan with one seed)
     t_high: float
 
-    def claim(self, a: str, b: str, margin: float) -> str:
-        """What both intervals allow one to say about A against B."""
-        if self.seeds < MIN_SEEDS_FOR_CLAIM:
-            return f"no claim yet ({self.seeds} of {MIN_SEEDS_FOR_CLAIM} seeds)"
+    def claim(self, a: str, b: str, margin: float, planned: int = MIN_SEEDS_FOR_CLAIM) -> str:
+        """What both intervals allow one to say about A against B, once every planned seed
+        (at least MIN_SEEDS_FOR_CLAIM) is in: no claim is read off a partial set of seeds."""
+        needed = max(planned, MIN_SEEDS_FOR_CLAIM)
+        if self.seeds < needed:
+            return f"no claim yet ({self.seeds} of {needed} seeds)"
         low, high = min(self.low, self.t_low), max(self.high, self.t_high)
         if low > 0:
             return f"{a} beats {b}"
