@@ -292,7 +292,10 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_differences(diffs: dict[str, dict[str, Difference]], dense: str, out: Path) -> None:
+def plot_differences(
+    diffs: dict[str, dict[str, Difference]], dense: str, planned: dict[str, int], out: Path
+) -> None:
+    """Each method's difference to dense LoRA per task; `planned`: the seeds each pair gets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,11 +323,15 @@ def plot_differences(diffs: dict[str, dict[str, Difference]], dense: str, out: P
                 t_range = [100 * diff.t_low, 100 * diff.t_high]
                 ax.plot(t_range, [i + 0.18] * 2, color="grey", linewidth=1)
         ax.axvline(0, color="grey", linestyle="--")
-        seeds = [diffs[task][n].seeds for n in names]
-        ax.set_yticks(
-            range(len(names)),
-            [f"{n} ({k} seed{'' if k == 1 else 's'})" for n, k in zip(names, seeds, strict=True)],
-        )
+        labels = []
+        for name in names:
+            k, n = diffs[task][name].seeds, planned[name]
+            labels.append(
+                f"{name} ({k} seed{'' if k == 1 else 's'})"
+                if k >= n
+                else f"{name} ({k} of {n} seeds)"
+            )
+        ax.set_yticks(range(len(names)), labels)
         ax.invert_yaxis()
         ax.set_xlabel(
             f"test accuracy - {dense}, points\nbars: paired bootstrap 95% interval\n"
@@ -388,4 +395,6 @@ def write_report(
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     plot_curves(rows, args.out)
-    plot_differences(all_diffs, table[0].name, args.out)
+    dense = table[0].name
+    planned = {m.name: planned_pair(protocol, table, m.name, dense) for m in table[1:]}
+    plot_differences(all_diffs, dense, planned, args.out)
