@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quality_stats import Difference
+
 DENSE = {"keep_ratio": 1.0, "strategy": "random"}
 ADAPTER_SIZE = 16  # the paper's Adapter rows: dense size s vs 2s masked to s
 LR_WARMUP_STEPS = 10  # fixed, so a run of S steps is the first S steps of a longer one
@@ -151,6 +153,66 @@ def method_table(r: int, shapes: LoraShapes, warmup: int) -> list[Method]:
     ]
 
 
+@dataclass(frozen=True)
+class DefaultQuestion:
+    """A plugin default the protocol settles: the paper's value against one alternative, each
+    run as a method of the table. The rule (docs/benchmarks.md, written 2026-11-29 23:15 UTC
+    before the runs that decide it): the alternative replaces the paper's value only if it beats
+    it on at least one task and is worse on none; one that is not an equal budget
+    (`everywhere`) has to beat it on every task. Nothing is decided before every planned seed
+    of both methods is in on every task."""
+
+    key: str
+    paper: str  # the paper's value, as written in the YAML
+    alternative: str
+    paper_method: str
+    alternative_method: str
+    everywhere: bool = False
+
+    @property
+    def question(self) -> str:
+        return f"default {self.key}: {self.alternative} vs {self.paper}"
+
+    def decide(self, diffs: dict[str, Difference | None], planned: int) -> str:
+        """diffs: per task, alternative - paper (None: not run yet)."""
+        waiting = [
+            f"{task} {'not run yet' if d is None else f'{d.seeds} of {planned} seeds'}"
+            for task, d in diffs.items()
+            if d is None or not d.complete(planned)
+        ]
+        if waiting:
+            return f"undecided ({', '.join(waiting)}); `{self.paper}` stays meanwhile"
+        beats = [task for task, d in diffs.items() if d is not None and d.beats]
+        worse = [task for task, d in diffs.items() if d is not None and d.worse]
+        wins = len(beats) == len(diffs) if self.everywhere else bool(beats) and not worse
+        if wins:
+            return (
+                f"`{self.alternative}` replaces `{self.paper}`: it beats it on {', '.join(beats)}"
+            )
+        needed = "beat it on every task" if self.everywhere else "beat it on one and lose on none"
+        found = (
+            f"beats it on {', '.join(beats) or 'no task'}, is worse on {', '.join(worse) or 'none'}"
+        )
+        return f"`{self.paper}` stays: the alternative {found} (it must {needed})"
+
+
+def default_questions(r: int, warmup: int) -> list[DefaultQuestion]:
+    warm = f"fisher r{2 * r}->r{r}, warm-up {warmup}+restore"
+    at_init = f"fisher r{2 * r}->r{r}"
+    return [
+        DefaultQuestion("warmup_steps", "0", str(warmup), at_init, warm),
+        DefaultQuestion("scope", "global", "per_matrix", at_init, f"{at_init}, per_matrix"),
+        DefaultQuestion(
+            "restore_after_warmup",
+            "true",
+            "false",
+            warm,
+            f"{at_init}, warm-up {warmup} kept",
+            everywhere=True,
+        ),
+    ]
+
+
 def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str, str]]:
     """(method, against, question) pairs that get a paired bootstrap interval, besides every
     method against dense LoRA r (the first method)."""
@@ -168,17 +230,7 @@ def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str
     return [
         *[(a, b, "Fisher vs random selection, same k") for a, b in fisher_vs_random],
         (f"fisher r{2 * r}->r{r}", fa, "fisher at init vs LoRA-FA"),
-        (warm, f"fisher r{2 * r}->r{r}", "default warmup_steps: warm-up+restore vs at init"),
-        (
-            f"fisher r{2 * r}->r{r}, per_matrix",
-            f"fisher r{2 * r}->r{r}",
-            "default scope: per_matrix vs global",
-        ),
-        (
-            f"fisher r{2 * r}->r{r}, warm-up {warmup} kept",
-            warm,
-            "default restore_after_warmup: false vs true",
-        ),
+        *[(q.alternative_method, q.paper_method, q.question) for q in default_questions(r, warmup)],
         (
             f"fisher Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
             f"dense Adapter s{ADAPTER_SIZE}",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from quality_methods import LR_WARMUP_STEPS, Method, comparisons
+from quality_methods import LR_WARMUP_STEPS, Method, comparisons, default_questions
 from quality_stats import MIN_SEEDS_FOR_CLAIM, Difference, paired_bootstrap
 
 NOT_RUN = "not run yet"
@@ -32,6 +32,14 @@ def difference(tests: dict[str, list[dict]], a: str, b: str) -> Difference | Non
     if not seeds:
         return None
     return paired_bootstrap(correct_matrix(tests[a], seeds), correct_matrix(tests[b], seeds))
+
+
+def tests_by_method(rows: list[dict], task: str) -> dict[str, list[dict]]:
+    tests: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["kind"] == "test" and row["task"] == task:
+            tests.setdefault(row["method"], []).append(row)
+    return tests
 
 
 def planned_pair(protocol: Any, table: list[Method], a: str, b: str) -> int:
@@ -128,10 +136,7 @@ def test_section(
     rows: list[dict], protocol: Any, table: list[Method], task: str, margin: float
 ) -> tuple[list[str], dict[str, Difference]]:
     seeds = all_seeds(protocol, table)
-    tests: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["kind"] == "test" and row["task"] == task:
-            tests.setdefault(row["method"], []).append(row)
+    tests = tests_by_method(rows, task)
     untrained = next((r for r in rows if r["kind"] == "untrained" and r["task"] == task), None)
     size = len(untrained["test_correct"]) if untrained else protocol.args.test_size
     dense = table[0].name
@@ -191,6 +196,41 @@ def test_section(
             claim = diff.claim(a, b, margin, planned_pair(protocol, table, a, b))
             lines.append(f"| {question} | {a} | {b} | {diff} | {claim} |")
     return [*lines, ""], diffs
+
+
+def defaults_section(
+    rows: list[dict], protocol: Any, table: list[Method], tasks: list[str]
+) -> list[str]:
+    names = {method.name for method in table}
+    lines = [
+        "## Defaults",
+        "",
+        "Each default the protocol settles, decided by the rule written before its runs "
+        "([benchmarks.md](benchmarks.md#quality-at-equal-budget)): the alternative replaces the "
+        "paper's value only if it beats it on at least one task and is worse on none "
+        "(`restore_after_warmup: false`, not an equal budget, must beat it on every task); "
+        "nothing is decided before every planned seed is in on every task.",
+        "",
+        "| default | paper | alternative | "
+        + " | ".join(f"{task}: alternative - paper" for task in tasks)
+        + " | decision |",
+        "| --- | --- | --- |" + " --- |" * len(tasks) + " --- |",
+    ]
+    for q in default_questions(protocol.args.rank, protocol.args.warmup):
+        if q.paper_method not in names or q.alternative_method not in names:  # --methods
+            continue
+        diffs = {
+            task: difference(tests_by_method(rows, task), q.alternative_method, q.paper_method)
+            for task in tasks
+        }
+        planned = planned_pair(protocol, table, q.alternative_method, q.paper_method)
+        cells = [NOT_RUN if d is None else str(d) for d in diffs.values()]
+        lines.append(
+            f"| `{q.key}` | `{q.paper}` | `{q.alternative}` | "
+            + " | ".join(cells)
+            + f" | {q.decide(diffs, planned)} |"
+        )
+    return [*lines, ""]
 
 
 def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[str]:
@@ -384,6 +424,7 @@ def write_report(
         lines += grid_section(rows, protocol, table, task)
         section, all_diffs[task] = test_section(rows, protocol, table, task, args.margin)
         lines += section
+    lines += defaults_section(rows, protocol, table, args.task_names)
     lines += [
         "## Methods",
         "",

@@ -32,17 +32,30 @@ class Difference:
     t_low: float  # Student t over the per-seed differences (nan with one seed)
     t_high: float
 
+    @property
+    def beats(self) -> bool:
+        """A above B: both intervals lie above 0."""
+        return min(self.low, self.t_low) > 0
+
+    @property
+    def worse(self) -> bool:
+        """A below B: both intervals lie below 0."""
+        return max(self.high, self.t_high) < 0
+
+    def complete(self, planned: int) -> bool:
+        """Every planned seed (at least MIN_SEEDS_FOR_CLAIM) is in."""
+        return self.seeds >= max(planned, MIN_SEEDS_FOR_CLAIM)
+
     def claim(self, a: str, b: str, margin: float, planned: int = MIN_SEEDS_FOR_CLAIM) -> str:
         """What both intervals allow one to say about A against B, once every planned seed
         (at least MIN_SEEDS_FOR_CLAIM) is in: no claim is read off a partial set of seeds."""
-        needed = max(planned, MIN_SEEDS_FOR_CLAIM)
-        if self.seeds < needed:
-            return f"no claim yet ({self.seeds} of {needed} seeds)"
-        low, high = min(self.low, self.t_low), max(self.high, self.t_high)
-        if low > 0:
+        if not self.complete(planned):
+            return f"no claim yet ({self.seeds} of {max(planned, MIN_SEEDS_FOR_CLAIM)} seeds)"
+        if self.beats:
             return f"{a} beats {b}"
-        if high < 0:
+        if self.worse:
             return f"{a} is worse than {b}"
+        low, high = min(self.low, self.t_low), max(self.high, self.t_high)
         if -margin <= low and high <= margin:
             points = 100 * margin
             return f"{a} matches {b} within {points:g} point{'' if points == 1 else 's'}"
