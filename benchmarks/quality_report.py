@@ -216,12 +216,12 @@ def defaults_section(
         + " | decision |",
         "| --- | --- | --- |" + " --- |" * len(tasks) + " --- |",
     ]
+    tests = {task: tests_by_method(rows, task) for task in tasks}
     for q in default_questions(protocol.args.rank, protocol.args.warmup):
         if q.paper_method not in names or q.alternative_method not in names:  # --methods
             continue
         diffs = {
-            task: difference(tests_by_method(rows, task), q.alternative_method, q.paper_method)
-            for task in tasks
+            task: difference(tests[task], q.alternative_method, q.paper_method) for task in tasks
         }
         planned = planned_pair(protocol, table, q.alternative_method, q.paper_method)
         cells = [NOT_RUN if d is None else str(d) for d in diffs.values()]
