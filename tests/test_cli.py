@@ -12,7 +12,6 @@ import torch
 import yaml
 from axolotl_run import (
     OFFLINE_ENV,
-    load_adapter_tensors,
     run_axolotl,
     run_axolotl_train,
     write_config,
@@ -120,11 +119,9 @@ def test_registered_as_axolotl_subcommand_and_as_module(tmp_path):
 
 
 @pytest.mark.e2e
-def test_compute_writes_the_mask_train_computes_and_train_uses_it(
-    tmp_path, tiny_llama_dir, alpaca_jsonl
-):
+def test_compute_writes_the_mask_train_computes(tmp_path, tiny_llama_dir, alpaca_jsonl):
     """The smoke example on the tiny model: `compute` gives the mask `axolotl train` computes
-    for the same config, and that file as mask_path trains exactly its entries."""
+    for the same config (training on a `compute`d file: test_e2e_axolotl's mask_path test)."""
     cfg = yaml.safe_load((EXAMPLES / "smollm2_smoke_fish.yaml").read_text())
     cfg |= {
         "base_model": str(tiny_llama_dir),
@@ -144,20 +141,6 @@ def test_compute_writes_the_mask_train_computes_and_train_uses_it(
     assert mask.k == round(0.5 * mask.total) and mask.metadata["num_examples"] == 16
     assert mask.masks.keys() == trained.masks.keys()
     assert all(torch.equal(trained.masks[k], m) for k, m in mask.masks.items())
-
-    # Another strategy and seed: a recomputed mask would differ, the file must win.
-    cfg["fish_mask"] |= {"mask_path": str(computed), "strategy": "random", "seed": 7}
-    cfg["output_dir"] = str(tmp_path / "reused")
-    config.write_text(yaml.safe_dump(cfg))
-    log = run_axolotl_train(config, cwd=tmp_path).stdout
-    assert "no Fisher pass" in log
-    reused = FishMask.load(tmp_path / "reused")
-    assert all(torch.equal(reused.masks[k], m) for k, m in mask.masks.items())
-    adapter = load_adapter_tensors(tmp_path / "reused")
-    for key, keep in mask.masks.items():
-        if "lora_B" in key:  # starts at exactly 0: only selected entries may have moved
-            assert not adapter[key][~keep].any(), key
-            assert adapter[key][keep].any(), key
 
 
 def test_compute_without_the_plugin_says_what_is_missing(tmp_path, tiny_llama_dir, alpaca_jsonl):

@@ -103,7 +103,8 @@ def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, al
 def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
     fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl
 ):
-    """The mask comes from the Hub (`hf://`), resolved offline from a Hub cache folder."""
+    """The mask comes from the Hub (`hf://`), resolved offline from a Hub cache folder. Another
+    strategy and seed in the config: a recomputed mask would differ, the file must win."""
     out, _ = fish_run
     hub = tmp_path / "hub"
     cache_file(
@@ -119,13 +120,23 @@ def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(
         alpaca_jsonl,
         **FISH,
         max_steps=2,
-        fish_mask={"keep_ratio": 0.5, "mask_path": "hf://fish-org/tiny-fish@v1/run-1"},
+        fish_mask={
+            "keep_ratio": 0.5,
+            "mask_path": "hf://fish-org/tiny-fish@v1/run-1",
+            "strategy": "random",
+            "seed": 7,
+        },
     )
     log = run_axolotl_train(config, cwd=tmp_path, env={"HF_HUB_CACHE": str(hub)}).stdout
     assert "no Fisher pass" in log and "fish_mask: scoring" not in log
     reused = FishMask.load(tmp_path / "out")
     original = FishMask.load(out)
     assert all(torch.equal(reused.masks[k], m) for k, m in original.masks.items())
+    adapter = load_adapter_tensors(tmp_path / "out")
+    for key, keep in original.masks.items():
+        if "lora_B" in key:  # starts at exactly 0: only the file's selected entries may move
+            assert not adapter[key][~keep].any(), key
+            assert adapter[key][keep].any(), key
 
     foreign = write_config(
         tmp_path,
