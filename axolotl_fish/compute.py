@@ -104,7 +104,9 @@ def compute_fish_mask(
         LOG.warning(
             f"fish_mask: {drawn:,} of {k:,} entries were drawn at random among entries with "
             f"equal scores (at initialisation every lora_A and bottleneck down-projection "
-            f"score is exactly 0: see fish_mask.warmup_steps)."
+            f"score is exactly 0). fish_mask.warmup_steps would score them; in the project's "
+            f"equal-budget benchmark that was not shown to train a better LoRA adapter "
+            f"(docs/how-it-works.md)."
         )
     return FishMask(masks=masks, metadata=metadata)
 
