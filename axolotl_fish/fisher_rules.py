@@ -37,6 +37,9 @@ BLOCK_ELEMENTS = 1 << 25
 # was 5-9x faster than per-example products at 1-2 tokens and even at about 6-8; a head trained
 # on short answers has 1-3 such tokens per example).
 PAIR_MAX_TOKENS = 6
+# Per-example products of at least this many entries are squared into the sum one example at a
+# time (memory traffic, not kernel launches, is their cost); smaller ones a block at a time.
+SQUARE_IN_PLACE_ELEMENTS = 1 << 20
 
 
 class Call(NamedTuple):
@@ -157,14 +160,27 @@ def gradient_tokens(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return take(g), take(x)
 
 
-def sum_of_squared_outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def sum_of_squared_outer(
+    g: torch.Tensor, x: torch.Tensor, product_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """sum_n (g_n^T x_n)^2 for output gradients g: (N, T, O) and inputs x: (N, T, I), in blocks
     of bounded memory, over the tokens that carry gradient. With at most `PAIR_MAX_TOKENS` of
-    them per example it is one matrix product over token pairs; else one product per example."""
-    return _sum_of_squared_outer_over(*gradient_tokens(g, x))
+    them per example it is one matrix product over token pairs; else one product per example,
+    computed in `product_dtype` (see `product_dtype_of`) and squared and summed in fp32."""
+    return _sum_of_squared_outer_over(*gradient_tokens(g, x), product_dtype)
 
 
-def _sum_of_squared_outer_over(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def product_dtype_of(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's per-example weight gradients are formed in: a half-precision weight's
+    own, as autograd forms that layer's training gradient (each per-example gradient is rounded
+    to bf16 as the training gradient is, and the products run on a GPU's bf16 matrix units, not
+    its far slower fp32 ones), else fp32."""
+    return weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _sum_of_squared_outer_over(
+    g: torch.Tensor, x: torch.Tensor, product_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """`sum_of_squared_outer` of tensors already cut by `gradient_tokens`."""
     if g.shape[1] <= PAIR_MAX_TOKENS:
         return _token_pair_product(g, x)
@@ -172,8 +188,13 @@ def _sum_of_squared_outer_over(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     block = max(1, BLOCK_ELEMENTS // (out_features * x.shape[-1]))
     total = torch.zeros(out_features, x.shape[-1], device=x.device)
     for start in range(0, rows, block):
-        per_example = torch.bmm(g[start : start + block].transpose(1, 2), x[start : start + block])
-        total.add_(per_example.square_().sum(dim=0))
+        gb, xb = (t[start : start + block].to(product_dtype) for t in (g, x))
+        per_example = torch.bmm(gb.transpose(1, 2), xb)
+        if total.numel() >= SQUARE_IN_PLACE_ELEMENTS:
+            for product in per_example:  # one pass over each: no fp32 copy, no squared copy
+                total.addcmul_(product, product)
+        else:
+            total.add_(per_example.float().square_().sum(dim=0))
     return total
 
 
@@ -231,7 +252,7 @@ class LinearRule(FisherRule):
         g = _cat(module_calls, "grad", rows)
         if self.weight is not None:
             x = _cat(module_calls, "input", rows)
-            outer = sum_of_squared_outer(g, x)
+            outer = sum_of_squared_outer(g, x, product_dtype_of(self.modules[0].weight))
             scores[self.weight].add_(outer.T if self.transposed else outer)
         if self.bias is not None:
             scores[self.bias].add_(g.sum(dim=1).square().sum(dim=0))
@@ -289,7 +310,7 @@ class TiedEmbeddingRule(FisherRule):
         total = scores[self.keys[0]]
         if outputs:
             g, x = gradient_tokens(_cat(outputs, "grad", rows), _cat(outputs, "input", rows))
-            total.add_(_sum_of_squared_outer_over(g, x))
+            total.add_(_sum_of_squared_outer_over(g, x, product_dtype_of(head.weight)))
         if not lookups:
             return
         ids = _cat(lookups, "input", rows, trailing=False)

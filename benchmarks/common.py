@@ -33,13 +33,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def lora_model(path: Path, rank: int, device: str, seed: int = 0) -> nn.Module:
-    """The base model with a fresh LoRA adapter on q, k, v, o (B perturbed away from zero, as
-    after a few training steps, so every Fisher score is informative)."""
-    from peft import LoraConfig, get_peft_model
+    """The demo model (fp32) with a fresh LoRA adapter on q, k, v, o (see `add_lora`)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return add_lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), rank, device)
+
+
+def add_lora(base: nn.Module, rank: int, device: str) -> nn.Module:
+    """A fresh LoRA adapter on q, k, v, o (PEFT's defaults otherwise: fp32 factors), with B
+    perturbed away from zero, as after a few training steps, so every Fisher score is
+    informative."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.05)
     model = get_peft_model(base, config).to(device)
     with torch.no_grad():

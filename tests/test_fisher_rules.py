@@ -77,10 +77,40 @@ def test_token_pairs_and_per_example_products_both_match_reference(monkeypatch, 
     assert all(float(score.min()) >= 0 for score in result.scores.values())
 
 
+@pytest.mark.parametrize("square_in_place_elements", [0, 1 << 30])
+def test_a_bf16_layer_forms_per_example_products_in_bf16(monkeypatch, square_in_place_elements):
+    """As autograd forms a bf16 layer's training gradient; squares and sums stay fp32 (whether
+    squared in place one example at a time or a block at a time), and the scores match the
+    one-example-at-a-time path (autograd's bf16 gradients) to bf16 rounding."""
+    monkeypatch.setattr(fisher_rules, "PAIR_MAX_TOKENS", 0)  # every Linear: per-example products
+    monkeypatch.setattr(fisher_rules, "SQUARE_IN_PLACE_ELEMENTS", square_in_place_elements)
+    model = tiny_base_model("llama").to(torch.bfloat16)
+    params = trainable_parameters(model)
+    batches = batches_with_padding_id_in_text()
+    product_dtypes = set()
+    bmm = torch.bmm
+
+    def spy(a, b):
+        product_dtypes.add((a.dtype, b.dtype))
+        return bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    result = fisher_scores(model, batches, params, num_samples=7, progress=False)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    assert product_dtypes == {(torch.bfloat16, torch.bfloat16)}
+    assert {score.dtype for score in result.scores.values()} == {torch.float32}
+    loop = fisher_scores(model, batches, params, num_samples=7, batched=False, progress=False)
+    assert max_relative_error(result.scores, loop.scores) < 2e-2
+
+
+@pytest.mark.parametrize("square_in_place_elements", [0, 1 << 30])
 @pytest.mark.parametrize("tokens", [1, 2, 5, 9])  # up to PAIR_MAX_TOKENS: token pairs
-def test_sum_of_squared_outer_skips_zero_gradient_tokens_and_equals_a_loop(tokens):
+def test_sum_of_squared_outer_skips_zero_gradient_tokens_and_equals_a_loop(
+    monkeypatch, tokens, square_in_place_elements
+):
     """Rows with different numbers of gradient-carrying tokens, scattered among zero-gradient
-    ones (padding, prompt)."""
+    ones (padding, prompt); per-example products squared in place or a block at a time."""
+    monkeypatch.setattr(fisher_rules, "SQUARE_IN_PLACE_ELEMENTS", square_in_place_elements)
     generator = torch.Generator().manual_seed(tokens)
     g = torch.zeros(3, 12, 5)
     x = torch.randn(3, 12, 4, generator=generator)

@@ -1,0 +1,323 @@
+"""The core's cost on random-initialised models of real shapes in bf16, for a GPU.
+
+    python benchmarks/real_shapes.py --shape qwen2.5-0.5b --shape llama-2-7b [--out results.jsonl]
+
+Weights do not change timings or memory, so no checkpoint is needed: each model is built from its
+shape with random weights, and the batches are random tokens (`--seq` long, the last `--answer`
+of them labelled, as in an instruction example). Needs the core only (no Axolotl). Per shape:
+- fisher_lora: the Fisher pass over a LoRA r=16 adapter on q, k, v, o (PEFT's fp32 factors on
+  the bf16 model): ours vs a plain forward+backward over the same micro-batches (the limit) vs
+  one forward+backward per example (the reference loop);
+- lora_step: a training step with plain LoRA, with a 50% mask on every tensor and with every
+  lora_A frozen (step_overhead.py's variants);
+- full_fisher: the Fisher pass over every weight (full-parameter mode) vs a plain
+  forward+backward;
+- full: full-parameter mode at each `--keep`: the exact top-k selection over random scores of
+  every weight (every tensor partly selected, as in full_mode.py) and a step of full_mode.py's
+  variants (frozen, dense, masked, sparse; sparse alone at the further keeps).
+Variants run one after another, each on its own fresh model that is freed before the next, so
+each peak (the CUDA allocator's, reset after a warm-up run; on a CPU the process's peak RSS,
+which is only an upper bound) holds that variant alone. Times are medians of `--repeats` passes
+or `--steps` steps after one untimed warm-up run. Every result is appended to `--out` as a JSON
+line as soon as it is measured, so a run cut short keeps what it finished; tables print last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import full_mode
+import step_overhead
+import torch
+from common import (
+    add_lora,
+    machine,
+    median,
+    plain_forward_backward,
+    process_peak_bytes,
+    reset_peak,
+    timed,
+)
+from torch import nn
+
+from axolotl_fish.adapter_tensors import adapter_parameters, model_parameters
+from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.scorers.builtin import random_scores
+from axolotl_fish.selection import select_top_k
+
+Batch = dict[str, torch.Tensor]
+
+# transformers model type and sizes of each shape (the published configurations' sizes).
+SHAPES: dict[str, tuple[str, dict[str, int | bool]]] = {
+    "tiny": (
+        "llama",
+        {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+    ),
+    "qwen2.5-0.5b": (
+        "qwen2",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "llama-2-7b": (
+        "llama",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+    ),
+}
+
+
+def random_model(shape: str, device: str) -> nn.Module:
+    """A causal LM of this shape with random weights, in bf16, built directly on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, sizes = SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(kind, **sizes), dtype=torch.bfloat16
+        )
+    return model
+
+
+def random_batches(args: argparse.Namespace, vocab: int, n: int) -> list[dict[str, torch.Tensor]]:
+    """`n` rows of random tokens in micro-batches, only the last `args.answer` tokens labelled."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, n, args.micro_batch):
+        rows = min(args.micro_batch, n - start)
+        ids = torch.randint(vocab, (rows, args.seq), generator=generator)
+        labels = ids.clone()
+        labels[:, : args.seq - args.answer] = -100
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        batches.append({key: value.to(args.device) for key, value in batch.items()})
+    return batches
+
+
+class Recorder:
+    """Times and peaks of named runs, each appended to the results file as it is measured."""
+
+    def __init__(self, args: argparse.Namespace, shape: str) -> None:
+        self.args, self.shape = args, shape
+        self.rows: list[dict[str, object]] = []
+
+    def measure(
+        self,
+        section: str,
+        name: str,
+        run: Callable[[], object],
+        repeats: int | None = None,
+        **extra: object,
+    ) -> None:
+        """One untimed warm-up run, then timed runs (`--repeats` unless given); the peak is over
+        the timed ones."""
+        device = self.args.device
+        run()
+        reset_peak(device)
+        seconds = [timed(run, device) for _ in range(repeats or self.args.repeats)]
+        self.add(section, name, median(seconds), process_peak_bytes(device), extra)
+
+    def add(
+        self, section: str, name: str, seconds: float, peak: int, extra: dict[str, object]
+    ) -> None:
+        row = {"shape": self.shape, "section": section, "run": name, "seconds": seconds}
+        row |= {"peak_gib": peak / 2**30, **extra}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.args.out is not None:
+            with self.args.out.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+
+    def table(self, section: str, unit: str, baseline: str | None) -> str:
+        """Markdown rows of one section, each against the `baseline` run (default: the first)."""
+        rows = [row for row in self.rows if row["section"] == section]
+        base = next(row for row in rows if row["run"] == baseline) if baseline else rows[0]
+        baseline = base["run"]
+        lines = [
+            f"| {section} | {unit} | x {baseline} | peak GiB | x {baseline} peak |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in rows:
+            time_ratio = row["seconds"] / base["seconds"]
+            peak_ratio = row["peak_gib"] / base["peak_gib"]
+            lines.append(
+                f"| {row['run']} | {row['seconds']:.3f} | {time_ratio:.3f} | "
+                f"{row['peak_gib']:.2f} | {peak_ratio:.3f} |"
+            )
+        return "\n".join(lines)
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fisher_lora(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    model = add_lora(random_model(shape, args.device), 16, args.device)
+    params = adapter_parameters(model)
+    batches = random_batches(args, model.config.vocab_size, args.samples)
+    n = args.samples
+    entries = sum(p.numel() for p in params.values())
+    runs = {
+        "ours": lambda: fisher_scores(model, batches, params, n, progress=False),
+        "limit": lambda: plain_forward_backward(model, batches),
+        "reference": lambda: fisher_scores(
+            model, batches, params, n, batched=False, progress=False
+        ),
+    }
+    for name, run in runs.items():
+        record.measure("fisher_lora", name, run, examples=n, entries=entries)
+
+
+def lora_step(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    batch = random_batches(args, SHAPES[shape][1]["vocab_size"], args.micro_batch)[0]
+    for name in ["plain", "masked", "frozen_A"]:
+        model = add_lora(random_model(shape, args.device), 16, args.device)
+        variant = step_overhead.Variant(model, lora_masks(name, adapter_parameters(model)))
+        measure_steps(record, "lora_step", name, variant, batch)
+        del model, variant
+        free()
+
+
+def lora_masks(name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    """step_overhead.py's masks: none, 50% at random over every tensor, or every lora_A empty."""
+    if name == "masked":
+        total = sum(p.numel() for p in params.values())
+        return select_top_k(random_scores(params, seed=0), total // 2, seed=0).masks
+    if name == "frozen_A":
+        return {key: torch.full(p.shape, "lora_B" in key) for key, p in params.items()}
+    return None
+
+
+def measure_steps(record: Recorder, section: str, name: str, variant: Any, batch: Batch) -> None:
+    record.measure(section, name, lambda: variant.step(batch), repeats=record.args.steps)
+
+
+def full(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    scores = spread_scores(model_parameters(random_model(shape, args.device)))
+    masks_at = {keep: select_masks(record, scores, keep) for keep in args.keep}
+    del scores
+    free()
+    batch = random_batches(args, SHAPES[shape][1]["vocab_size"], args.micro_batch)[0]
+    variants = [(name, args.keep[0]) for name in ["frozen", "dense", "masked", "sparse"]]
+    variants += [("sparse", keep) for keep in args.keep[1:]]
+    for name, keep in variants:
+        variant = full_mode.Variant(name, random_model(shape, args.device), masks_at[keep])
+        label = name if name in ("frozen", "dense") else f"{name} keep {keep}"
+        measure_steps(record, "full_step", label, variant, batch)
+        del variant
+        free()
+
+
+def full_fisher(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    """Time the Fisher pass over every weight against a plain forward+backward."""
+    model = random_model(shape, args.device)
+    params = model_parameters(model)
+    n = args.micro_batch * 2
+    batches = random_batches(args, model.config.vocab_size, n)
+    total = sum(p.numel() for p in params.values())
+    record.measure(
+        "full_fisher",
+        "fisher_all_weights",
+        lambda: fisher_scores(model, batches, params, n, progress=False),
+        examples=n,
+        weights=total,
+    )
+    record.measure(
+        "full_fisher", "forward_backward", lambda: plain_forward_backward(model, batches)
+    )
+
+
+def spread_scores(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Uniform random scores for every weight, drawn on its device (as full_mode.py's masks:
+    every tensor partly selected, the worst case for the dense-gradient `masked` mode)."""
+    generator = torch.Generator(next(iter(params.values())).device).manual_seed(0)
+    return {
+        key: torch.rand(p.shape, generator=generator, device=p.device) for key, p in params.items()
+    }
+
+
+def select_masks(
+    record: Recorder, scores: dict[str, torch.Tensor], keep: float
+) -> dict[str, torch.Tensor]:
+    """Time the exact top-k selection of `keep` of all entries; its masks."""
+    k = round(keep * sum(score.numel() for score in scores.values()))
+    masks: list[dict[str, torch.Tensor]] = []
+
+    def select() -> None:
+        masks[:] = [select_top_k(scores, k, seed=0).masks]
+
+    record.measure("full_select", f"select_top_k keep {keep}", select, repeats=1, k=k)
+    return masks[0]
+
+
+SECTIONS = {
+    "fisher_lora": fisher_lora,
+    "lora_step": lora_step,
+    "full_fisher": full_fisher,
+    "full": full,
+}
+TABLES = [
+    ("fisher_lora", "s per pass", "limit"),
+    ("lora_step", "s per step", "plain"),
+    ("full_fisher", "s per pass", "forward_backward"),
+    ("full_select", "s", None),
+    ("full_step", "s per step", "frozen"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--section", action="append", choices=sorted(SECTIONS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512, help="tokens per row")
+    parser.add_argument("--answer", type=int, default=64, help="labelled tokens per row")
+    parser.add_argument("--samples", type=int, default=32, help="examples in the LoRA Fisher pass")
+    parser.add_argument("--keep", type=float, action="append", help="default: 0.005 and 0.02")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after a warm-up")
+    parser.add_argument("--out", type=Path, help="append each result here as a JSON line")
+    args = parser.parse_args()
+    args.keep = args.keep or [0.005, 0.02]
+    print(machine(), flush=True)
+    for shape in args.shape:
+        record = Recorder(args, shape)
+        for section in args.section or SECTIONS:
+            SECTIONS[section](args, shape, record)
+            free()
+        print(f"\n{shape}, micro-batch {args.micro_batch} x {args.seq} tokens\n")
+        for section, unit, baseline in TABLES:
+            if any(row["section"] == section for row in record.rows):
+                print(record.table(section, unit, baseline))
+                print()
+
+
+if __name__ == "__main__":
+    main()
