@@ -25,8 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from axolotl_fish.distributed import rank_and_world, share_of, sum_over_ranks
-from axolotl_fish.fisher_rules import Call, claim_rules
+from axolotl_fish.fisher_taps import RuleTaps
 from axolotl_fish.rng import preserved_rng_state
 
 LOG = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def fisher_scores(
     the scores are summed over ranks, so every rank ends with the same scores.
     """
     start = time.perf_counter()
-    taps = _RuleTaps(model, params if batched else {})
+    taps = RuleTaps(model, params if batched else {})
     rowwise = {key: p for key, p in params.items() if key not in taps.covered}
     scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
     device = next(iter(params.values())).device
@@ -249,63 +248,3 @@ def _accumulate_rowwise(
         for key, grad in zip(keys, grads, strict=True):
             if grad is not None:
                 scores[key].add_(grad.float().square())
-
-
-class _RuleTaps:
-    """Forward hooks that record each call's input and output on the modules of the batched
-    rules (`fisher_rules`), for one backward that needs no weight gradient."""
-
-    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
-        self.rules = claim_rules(model, params) if params else []
-        self.params = params
-        self._calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        self._recording = False
-        modules = {module for rule in self.rules for module in rule.modules}
-        self._handles = [module.register_forward_hook(self._record) for module in modules]
-
-    @property
-    def covered(self) -> set[str]:
-        return {key for rule in self.rules for key in rule.keys}
-
-    def _record(
-        self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
-    ) -> None:
-        if self._recording:
-            self._calls[module].append((args[0].detach(), output))
-
-    def accumulate(
-        self, forward: Callable[[], torch.Tensor], scores: dict[str, torch.Tensor]
-    ) -> dict[str, nn.Parameter]:
-        """Run `forward` (returning per-row losses) recording the calls, backpropagate once,
-        and add every row's squared gradients to `scores`. Rules whose calls turn out not to be
-        per example are dropped; their tensors are returned, for the generic path."""
-        self._recording = True
-        try:
-            loss = forward()
-            recorded = [(m, x, out) for m, pairs in self._calls.items() for x, out in pairs]
-            # Gradients w.r.t. the recorded outputs only: backward skips every weight gradient.
-            grads = torch.autograd.grad(
-                loss.sum(), [out for _, _, out in recorded], allow_unused=True
-            )
-        finally:
-            self._recording = False
-            self._calls.clear()
-        calls: dict[nn.Module, list[Call]] = defaultdict(list)
-        for (module, x, out), grad in zip(recorded, grads, strict=True):
-            if grad is not None:
-                calls[module].append(Call(x, out.detach(), grad))
-        rows = loss.shape[0]
-        dropped: dict[str, nn.Parameter] = {}
-        for rule in list(self.rules):
-            rule_calls = {module: calls[module] for module in rule.modules}
-            if not rule.per_example(rule_calls, rows):
-                LOG.info(f"Fisher pass: {rule.keys} are not used per example; generic path")
-                self.rules.remove(rule)
-                dropped |= {key: self.params[key] for key in rule.keys}
-            elif any(rule_calls.values()):
-                rule.add(rule_calls, scores)
-        return dropped
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()

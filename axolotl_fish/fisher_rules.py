@@ -43,10 +43,11 @@ SQUARE_IN_PLACE_ELEMENTS = 1 << 20
 
 
 class Call(NamedTuple):
-    """One forward call of a recorded module: its first input, its output, the output's gradient."""
+    """One forward call of a recorded module: its first input, its output (None unless a rule of
+    the module `needs_output`), the output's gradient."""
 
     input: torch.Tensor
-    output: torch.Tensor
+    output: torch.Tensor | None
     grad: torch.Tensor
 
 
@@ -89,6 +90,8 @@ class FisherRule(ABC):
     modules: tuple[nn.Module, ...]
     # Fewest dimensions of a per-example input: (rows, tokens, ...) for layers over hidden states.
     input_ndim = 3
+    # Whether `add` reads the calls' outputs; if no rule of a module does, they are not kept.
+    needs_output = False
 
     @classmethod
     @abstractmethod
@@ -372,6 +375,8 @@ class NormRule(FisherRule):
     weight and bias per feature: y = c + w * f(x) (+ b * h(x)). f and h are read off the layer
     itself by calling it with w, b set to 0 and 1; then the per-example weight gradient is
     sum_t g_t * f_t. The reconstruction is checked against the recorded output."""
+
+    needs_output = True
 
     def __init__(self, module: nn.Module, weight: str | None, bias: str | None) -> None:
         self.modules = (module,)
