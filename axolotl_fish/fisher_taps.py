@@ -8,8 +8,8 @@ until backward has passed it (as a training backward frees each layer's), not un
 Outputs are kept only for rules that read them (`FisherRule.needs_output`).
 
 Every tap also takes one scalar leaf, the anchor. Asking autograd for the anchor's gradient runs
-the backward through every tap and nothing else: no weight gradient is formed and no output's
-gradient is kept by autograd.
+the backward along every path to a tap and no further: no weight gradient is formed and autograd
+keeps no output's gradient.
 """
 
 from __future__ import annotations
