@@ -58,6 +58,10 @@ class RuleTaps:
         for rule in self.rules:
             for module in rule.modules:
                 self._rules_of[module].append(rule)
+        self._keeps_output = {
+            module: any(rule.needs_output for rule in rules)
+            for module, rules in self._rules_of.items()
+        }
         self._handles = [module.register_forward_hook(self._record) for module in self._rules_of]
         # Per module, its calls of the current micro-batch: [input, output (only where a rule
         # needs it), output gradient].
@@ -78,7 +82,7 @@ class RuleTaps:
         if self._anchor is None or not output.requires_grad:
             return None
         calls = self._calls[module]
-        kept = output.detach() if any(r.needs_output for r in self._rules_of[module]) else None
+        kept = output.detach() if self._keeps_output[module] else None
         calls.append([args[0].detach(), kept, None])
         index = len(calls) - 1
         return _GradientTap.apply(output, self._anchor, lambda g: self._receive(module, index, g))

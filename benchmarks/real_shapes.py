@@ -47,7 +47,6 @@ from torch import nn
 
 from axolotl_fish.adapter_tensors import adapter_parameters, model_parameters
 from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.scorers.builtin import random_scores
 from axolotl_fish.selection import select_top_k
 
 Batch = dict[str, torch.Tensor]
@@ -196,22 +195,13 @@ def fisher_lora(args: argparse.Namespace, shape: str, record: Recorder) -> None:
 
 def lora_step(args: argparse.Namespace, shape: str, record: Recorder) -> None:
     batch = random_batches(args, SHAPES[shape][1]["vocab_size"], args.micro_batch)[0]
-    for name in ["plain", "masked", "frozen_A"]:
+    for name in step_overhead.VARIANTS:
         model = add_lora(random_model(shape, args.device), 16, args.device)
-        variant = step_overhead.Variant(model, lora_masks(name, adapter_parameters(model)))
+        masks = step_overhead.variant_masks(name, adapter_parameters(model))
+        variant = step_overhead.Variant(model, masks)
         measure_steps(record, "lora_step", name, variant, batch)
         del model, variant
         free()
-
-
-def lora_masks(name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor] | None:
-    """step_overhead.py's masks: none, 50% at random over every tensor, or every lora_A empty."""
-    if name == "masked":
-        total = sum(p.numel() for p in params.values())
-        return select_top_k(random_scores(params, seed=0), total // 2, seed=0).masks
-    if name == "frozen_A":
-        return {key: torch.full(p.shape, "lora_B" in key) for key, p in params.items()}
-    return None
 
 
 def measure_steps(record: Recorder, section: str, name: str, variant: Any, batch: Batch) -> None:

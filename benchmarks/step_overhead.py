@@ -29,6 +29,7 @@ from common import (
     reset_peak,
     timed,
 )
+from torch import nn
 
 from axolotl_fish.adapter_tensors import adapter_parameters
 from axolotl_fish.masking import GradientMask
@@ -58,6 +59,19 @@ class Variant:
             self.mask.restore()
 
 
+VARIANTS = ["plain", "masked", "frozen_A"]
+
+
+def variant_masks(name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    """A variant's masks: none (plain), 50% at random over every tensor, or every lora_A empty."""
+    if name == "masked":
+        total = sum(p.numel() for p in params.values())
+        return select_top_k(random_scores(params, seed=0), total // 2, seed=0).masks
+    if name == "frozen_A":
+        return {key: torch.full(p.shape, "lora_B" in key) for key, p in params.items()}
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -69,11 +83,7 @@ def main() -> None:
 
     params = adapter_parameters(fresh())
     total = sum(p.numel() for p in params.values())
-    masks = {
-        "plain": None,
-        "masked": select_top_k(random_scores(params, seed=0), total // 2, seed=0).masks,
-        "frozen_A": {k: torch.full(p.shape, "lora_B" in k) for k, p in params.items()},
-    }
+    masks = {name: variant_masks(name, params) for name in VARIANTS}
     n_rows = args.steps * args.micro_batch
     batches = demo_batches(args.model, args.data, n_rows, args.micro_batch, args.device)
     if args.peak_of:
