@@ -62,7 +62,9 @@ class RuleTaps:
             module: any(rule.needs_output for rule in rules)
             for module, rules in self._rules_of.items()
         }
-        self._handles = [module.register_forward_hook(self._record) for module in self._rules_of]
+        self._handles = {
+            module: module.register_forward_hook(self._record) for module in self._rules_of
+        }
         # Per module, its calls of the current micro-batch: [input, output (only where a rule
         # needs it), output gradient].
         self._calls: dict[nn.Module, list[list[torch.Tensor | None]]] = defaultdict(list)
@@ -116,8 +118,6 @@ class RuleTaps:
     def _receive(self, module: nn.Module, index: int, grad: torch.Tensor) -> None:
         self._calls[module][index][2] = grad
         for rule in self._rules_of[module]:
-            if rule not in self._waiting:  # dropped in an earlier micro-batch
-                continue
             self._waiting[rule] -= 1
             if self._waiting[rule] == 0:
                 self._add(rule)
@@ -132,14 +132,24 @@ class RuleTaps:
         }
         if not rule.per_example(calls, self._rows):
             LOG.info(f"Fisher pass: {rule.keys} are not used per example; generic path")
-            self.rules.remove(rule)
-            self._dropped |= {key: self.params[key] for key in rule.keys}
+            self._drop(rule)
         elif any(calls.values()):
             rule.add(calls, self._scores)
         for module in rule.modules:
-            if not any(other in self._waiting for other in self._rules_of[module]):
+            if not any(other in self._waiting for other in self._rules_of.get(module, ())):
                 self._calls.pop(module, None)
 
+    def _drop(self, rule: FisherRule) -> None:
+        """Hand a rule's tensors to the generic path for good: its modules stop being recorded,
+        unless another rule still reads them."""
+        self.rules.remove(rule)
+        self._dropped |= {key: self.params[key] for key in rule.keys}
+        for module in rule.modules:
+            self._rules_of[module].remove(rule)
+            if not self._rules_of[module]:
+                del self._rules_of[module], self._keeps_output[module]
+                self._handles.pop(module).remove()
+
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()

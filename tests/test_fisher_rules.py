@@ -11,6 +11,7 @@ from torch import nn
 
 import axolotl_fish.fisher as fisher
 import axolotl_fish.fisher_rules as fisher_rules
+import axolotl_fish.fisher_taps as fisher_taps
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.fisher_rules import (
@@ -165,13 +166,25 @@ def test_head_runs_at_label_positions_only_and_equals_every_position(sampled_lab
     assert max_relative_error(kept, every) < 1e-5
 
 
-def test_gpt2_position_embedding_is_not_per_example_and_goes_generic():
-    """wpe is looked up once for all rows ((1, T) position ids): dropped after the first batch."""
+def test_gpt2_position_embedding_is_not_per_example_and_goes_generic(monkeypatch):
+    """wpe is looked up once for all rows ((1, T) position ids): dropped after the first batch,
+    and from then on no longer recorded."""
     model = tiny_base_model("gpt2")
     params = trainable_parameters(model)
     assert "transformer.wpe.weight" in {k for rule in claim_rules(model, params) for k in rule.keys}
+    recorded: list[nn.Module] = []
+    record = fisher_taps.RuleTaps._record
+
+    def spy(self, module, args, output):
+        if self._anchor is not None:  # the batched forward (not the generic path's)
+            recorded.append(module)
+        return record(self, module, args, output)
+
+    monkeypatch.setattr(fisher_taps.RuleTaps, "_record", spy)
     batches = padded_batches(n_rows=5, batch_size=3)
     result = fisher_scores(model, batches, params, num_samples=5, progress=False)
+    assert recorded.count(model.transformer.wpe) == 1  # two micro-batches
+    assert recorded.count(model.transformer.wte) == 2
     reference = reference_fisher(model, batches, params, num_samples=5)
     assert max_relative_error(result.scores, reference) < 1e-4
 
