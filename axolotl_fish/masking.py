@@ -64,7 +64,7 @@ class GradientMask:
         """Put frozen entries back to their snapshot values (call after each optimizer step)."""
         for key, (param, frozen) in self._partial.items():
             local = local_part(param)
-            local.copy_(torch.where(frozen, self._initial[key], local))
+            torch.where(frozen, self._initial[key], local, out=local)  # one kernel, no temporary
 
     def remove(self) -> None:
         """Detach the gradient hooks (requires_grad changes stay)."""
