@@ -53,6 +53,13 @@ class FishMaskConfig(BaseModel):
         description="`empirical`: gradients at the data's labels (the paper); `sampled`: at labels "
         "drawn from the model's own predictive distribution (the true Fisher).",
     )
+    fisher_chunks: int = Field(
+        default=1,
+        ge=1,
+        description="Score the candidates in this many groups of tensors, one Fisher pass over the "
+        "same examples each: the device holds one group's fp32 scores at a time (the rest wait "
+        "in CPU memory), for models whose scores do not fit beside them.",
+    )
     warmup_steps: int = Field(
         default=0,
         ge=0,

@@ -10,7 +10,8 @@ of them labelled, as in an instruction example). Needs the core only (no Axolotl
   one forward+backward per example (the reference loop);
 - lora_step: a training step with plain LoRA, with a 50% mask on every tensor and with every
   lora_A frozen (step_overhead.py's variants);
-- full_fisher: the Fisher pass over every weight (full-parameter mode) vs a plain
+- full_fisher: the Fisher pass over every weight (full-parameter mode), in one pass and in
+  `--fisher-chunks` chunks of tensors (scores of finished chunks in CPU memory), vs a plain
   forward+backward;
 - full: full-parameter mode at each `--keep`: the exact top-k selection over random scores of
   every weight (every tensor partly selected, as in full_mode.py) and a step of full_mode.py's
@@ -47,6 +48,7 @@ from torch import nn
 
 from axolotl_fish.adapter_tensors import adapter_parameters, model_parameters
 from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.fisher_chunks import fisher_scores_in_chunks
 from axolotl_fish.selection import select_top_k
 
 Batch = dict[str, torch.Tensor]
@@ -238,6 +240,14 @@ def full_fisher(args: argparse.Namespace, shape: str, record: Recorder) -> None:
         examples=n,
         weights=total,
     )
+    chunks = args.fisher_chunks
+    record.measure(
+        "full_fisher",
+        f"fisher_all_weights, {chunks} chunks",
+        lambda: fisher_scores_in_chunks(model, batches, params, n, chunks, progress=False),
+        examples=n,
+        weights=total,
+    )
     record.measure(
         "full_fisher", "forward_backward", lambda: plain_forward_backward(model, batches)
     )
@@ -291,6 +301,7 @@ def main() -> None:
     parser.add_argument("--answer", type=int, default=64, help="labelled tokens per row")
     parser.add_argument("--samples", type=int, default=32, help="examples in the LoRA Fisher pass")
     parser.add_argument("--keep", type=float, action="append", help="default: 0.005 and 0.02")
+    parser.add_argument("--fisher-chunks", type=int, default=4, help="full_fisher's chunked pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after a warm-up")
     parser.add_argument("--out", type=Path, help="append each result here as a JSON line")

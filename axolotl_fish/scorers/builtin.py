@@ -8,22 +8,25 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.fisher_chunks import fisher_scores_in_chunks
 from axolotl_fish.scorers.spec import Scorer, Scores, ScoringContext, hookimpl
 
 
 def fisher(context: ScoringContext) -> Scores:
     """Diagonal Fisher information over `num_samples` training examples: higher keeps."""
     config = context.config
-    result = fisher_scores(
+    result = fisher_scores_in_chunks(
         context.model,
         context.batches,
         context.params,
         config.num_samples,
+        config.fisher_chunks,
         sampled_labels_seed=config.seed if config.fisher == "sampled" else None,
         progress=context.progress,
     )
     facts = {"num_examples": result.num_examples, "fisher_seconds": result.seconds}
+    if config.fisher_chunks > 1:
+        facts["fisher_chunks"] = config.fisher_chunks
     return Scores(scores=result.scores, metadata=facts)
 
 
