@@ -58,10 +58,6 @@ class RuleTaps:
         for rule in self.rules:
             for module in rule.modules:
                 self._rules_of[module].append(rule)
-        self._keeps_output = {
-            module: any(rule.needs_output for rule in rules)
-            for module, rules in self._rules_of.items()
-        }
         self._handles = {
             module: module.register_forward_hook(self._record) for module in self._rules_of
         }
@@ -84,7 +80,8 @@ class RuleTaps:
         if self._anchor is None or not output.requires_grad:
             return None
         calls = self._calls[module]
-        kept = output.detach() if self._keeps_output[module] else None
+        needed = any(rule.needs_output for rule in self._rules_of[module])
+        kept = output.detach() if needed else None
         calls.append([args[0].detach(), kept, None])
         index = len(calls) - 1
         return _GradientTap.apply(output, self._anchor, lambda g: self._receive(module, index, g))
@@ -147,7 +144,7 @@ class RuleTaps:
         for module in rule.modules:
             self._rules_of[module].remove(rule)
             if not self._rules_of[module]:
-                del self._rules_of[module], self._keeps_output[module]
+                del self._rules_of[module]
                 self._handles.pop(module).remove()
 
     def remove(self) -> None:

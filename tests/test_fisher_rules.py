@@ -125,9 +125,13 @@ def test_sum_of_squared_outer_skips_zero_gradient_tokens_and_equals_a_loop(
 @pytest.mark.parametrize("pair_max_tokens", [0, 10_000])
 def test_tokens_whose_contributions_cancel_give_zero_not_negative(monkeypatch, pair_max_tokens):
     monkeypatch.setattr(fisher_rules, "PAIR_MAX_TOKENS", pair_max_tokens)
-    g = torch.tensor([[[1.0, 0.3], [-1.0, -0.3], [0.0, 0.0]]])
+    g = torch.tensor([[[1.0, 0.1], [-1.0, -0.1], [0.0, 0.0]]])
     x = torch.tensor([[[3.0], [3.0], [5.0]]])
-    assert torch.equal(sum_of_squared_outer(g, x), torch.zeros(2, 1))
+    result = sum_of_squared_outer(g, x)
+    # The token-pair sum cancels to rounding: its sign and size depend on the BLAS kernel (on
+    # these inputs it leaves -5e-9 before the clamp); never below 0.
+    assert (result >= 0).all()
+    torch.testing.assert_close(result, torch.zeros(2, 1), rtol=0, atol=1e-6)
 
 
 class WithoutLogitsToKeep(nn.Module):
