@@ -355,11 +355,23 @@ def plot_differences(
         means = [100 * diffs[task][n].mean for n in names]
         low = [100 * (diffs[task][n].mean - diffs[task][n].low) for n in names]
         high = [100 * (diffs[task][n].high - diffs[task][n].mean) for n in names]
-        ax.errorbar(means, range(len(names)), xerr=[low, high], fmt="o", capsize=3)
-        # The Student-t interval over seeds, drawn thin and grey just below each point.
+        complete = [diffs[task][n].seeds >= planned[n] for n in names]
+        for done, style in ((True, {}), (False, {"markerfacecolor": "white"})):
+            rows = [i for i, c in enumerate(complete) if c is done]
+            ax.errorbar(
+                [means[i] for i in rows],
+                rows,
+                xerr=[[low[i] for i in rows], [high[i] for i in rows]],
+                fmt="o",
+                capsize=3,
+                color="C0",
+                **style,
+            )
+        # The Student-t interval over seeds, drawn thin and grey just below each point, once
+        # every planned seed is in (at 2 seeds its t quantile of 12.7 would set the axis).
         for i, name in enumerate(names):
             diff = diffs[task][name]
-            if diff.seeds > 1:
+            if complete[i] and diff.seeds > 1:
                 t_range = [100 * diff.t_low, 100 * diff.t_high]
                 ax.plot(t_range, [i + 0.18] * 2, color="grey", linewidth=1)
         ax.axvline(0, color="grey", linestyle="--")
@@ -375,7 +387,7 @@ def plot_differences(
         ax.invert_yaxis()
         ax.set_xlabel(
             f"test accuracy - {dense}, points\nbars: paired bootstrap 95% interval\n"
-            "grey: Student-t 95% interval over seeds"
+            "grey: Student-t 95% interval over seeds\nhollow: not all planned seeds in yet"
         )
         ax.set_title(task)
     fig.tight_layout()
