@@ -227,8 +227,18 @@ def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str
         (f"fisher r{r} keep 2%", f"random r{r} keep 2%"),
         (f"fisher r{r} keep 0.5%", f"random r{r} keep 0.5%"),
     ]
+    # reverse trains the lowest-scored entries: if it does as well as fisher, the ranking
+    # carries nothing the training can use.
+    fisher_vs_reverse = [
+        (f"fisher r{2 * r}->r{r}", f"reverse r{2 * r}->r{r}"),
+        (
+            f"fisher Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
+            f"reverse Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
+        ),
+    ]
     return [
         *[(a, b, "Fisher vs random selection, same k") for a, b in fisher_vs_random],
+        *[(a, b, "Fisher vs reverse selection, same k") for a, b in fisher_vs_reverse],
         (f"fisher r{2 * r}->r{r}", fa, "fisher at init vs LoRA-FA"),
         *[(q.alternative_method, q.paper_method, q.question) for q in default_questions(r, warmup)],
         (
