@@ -112,6 +112,16 @@ def tensor_role(key: str) -> tuple[str, str]:
     return (parts[-2] if len(parts) > 1 else parts[0]), parts[-1]
 
 
+def output_side_module(key: str) -> str | None:
+    """The adapter module (its key prefix: `...q_proj`, `...mlp.bottleneck`) when `key` is on
+    its output side - LoRA's `lora_B` or `lora_embedding_B`, a bottleneck adapter's
+    up-projection (weight or bias) - else None."""
+    matrix = tensor_role(key)[1]
+    if matrix not in ("lora_B", "lora_embedding_B", f"{MODULE_NAME}.{UP}"):
+        return None
+    return key[: key.rindex("." + matrix.split(".")[-1])]
+
+
 def layer_index(key: str) -> int | None:
     """The block a saved adapter key belongs to (the first all-digit name part:
     `...layers.3.self_attn...`, GPT-2's `...h.3.attn...`); None outside numbered blocks."""

@@ -75,4 +75,10 @@ def summarize(mask: FishMask) -> str:
             f"  ties: {tie['chosen']:,} entries drawn at random (seed {meta.get('seed')}) among "
             f"{tie['tied']:,} with equal score {tie['score']:.3g}"
         )
+    if meta.get("modules_fixed_at_zero"):
+        fixed = meta["modules_fixed_at_zero"]
+        lines.append(
+            f"  update fixed at 0: {len(fixed)} module(s) with no selected entry on their "
+            f"all-zero output side, e.g. {fixed[0]}"
+        )
     return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Adapter modules a mask leaves unable to change the model.
+
+LoRA's update is B·A and a bottleneck adapter's is up(f(down(x))). Where the output side (LoRA's
+`lora_B`, a bottleneck's up-projection) is all zero - PEFT's and this package's initialisation -
+and the mask selects none of its entries, the update stays exactly 0 for the whole run, whatever
+trains on the input side. A `reverse` mask at initialisation does this (every `lora_A` entry
+scores 0, the lowest), and so can a small budget with `scope: global`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+
+from axolotl_fish.adapter_tensors import output_side_module
+
+
+def modules_fixed_at_zero(
+    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """The adapter modules (key prefixes) whose every output-side tensor in `masks` is zero in
+    `params` and has no selected entry."""
+    output_side: dict[str, list[str]] = defaultdict(list)
+    for key in masks:
+        module = output_side_module(key)
+        if module is not None:
+            output_side[module].append(key)
+    return sorted(
+        module
+        for module, keys in output_side.items()
+        if not any(masks[key].any() or params[key].detach().any() for key in keys)
+    )
