@@ -40,7 +40,9 @@ def test_reverse_at_lora_init_fixes_every_module_and_says_so(caplog):
 
 
 @pytest.mark.parametrize(
-    "strategy, scope", [("fisher", "global"), ("reverse", "per_tensor")], ids=["fisher", "per-tensor"]
+    "strategy, scope",
+    [("fisher", "global"), ("reverse", "per_tensor")],
+    ids=["fisher", "per-tensor"],
 )
 def test_masks_that_reach_every_output_side_record_nothing(strategy, scope, caplog):
     model = tiny_lora_model("llama", nonzero_b=False)
