@@ -111,7 +111,8 @@ def grid_section(rows: list[dict], protocol: Any, table: list[Method], task: str
     }
     lines = [
         f"LR grid (seed 0, {steps} steps, validation accuracy; **bold** = chosen, ties to the "
-        "lower LR; an LR past an edge is tried while the best sits at that edge):",
+        "lower LR; an LR past an edge is tried while the best sits at that edge and beats its "
+        "neighbour):",
         "",
         "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen LR |",
         "| --- |" + " --- |" * (len(lrs) + 1),
