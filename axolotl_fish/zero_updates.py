@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from axolotl_fish.adapter_tensors import output_side_module
+from axolotl_fish.summary import natural_order
 
 
 def modules_fixed_at_zero(
@@ -28,7 +29,10 @@ def modules_fixed_at_zero(
         if module is not None:
             output_side[module].append(key)
     return sorted(
-        module
-        for module, keys in output_side.items()
-        if not any(masks[key].any() or params[key].detach().any() for key in keys)
+        (
+            module
+            for module, keys in output_side.items()
+            if not any(masks[key].any() or params[key].detach().any() for key in keys)
+        ),
+        key=natural_order,
     )
