@@ -21,7 +21,7 @@ from axolotl_fish.scorers import ScoringContext, check_strategy, score
 from axolotl_fish.selection import select_in_groups
 from axolotl_fish.sharded import check_not_sharded
 from axolotl_fish.warmup import dense_warmup, restore
-from axolotl_fish.zero_updates import modules_fixed_at_zero
+from axolotl_fish.zero_updates import record_modules_fixed_at_zero
 
 LOG = logging.getLogger(__name__)
 
@@ -109,17 +109,12 @@ def compute_fish_mask(
             f"equal-budget benchmark that was not shown to train a better LoRA adapter "
             f"(docs/how-it-works.md)."
         )
-    fixed = modules_fixed_at_zero(params, masks)
-    if fixed:
-        metadata["modules_fixed_at_zero"] = fixed
-        names = ", ".join(fixed[:3]) + (", ..." if len(fixed) > 3 else "")
-        LOG.warning(
-            f"fish_mask: {len(fixed)} adapter module(s) get no entry on their output side "
-            f"(lora_B, a bottleneck's up-projection), which is all zero, so their update stays "
-            f"exactly 0 for the whole run: {names}. Strategy {config.strategy!r} with k = {k:,} "
-            f"of {total:,} entries decided this (docs/how-it-works.md); `scope: per_tensor` "
-            f"gives every tensor its share of k."
-        )
+    record_modules_fixed_at_zero(
+        params,
+        masks,
+        metadata,
+        f"Strategy {config.strategy!r} with k = {k:,} of {total:,} entries decided this",
+    )
     return FishMask(masks=masks, metadata=metadata)
 
 

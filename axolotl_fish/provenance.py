@@ -15,6 +15,7 @@ from torch import nn
 from axolotl_fish.candidates import governed_by
 from axolotl_fish.compute import peft_settings
 from axolotl_fish.mask_file import FishMask
+from axolotl_fish.zero_updates import record_modules_fixed_at_zero
 
 LOG = logging.getLogger(__name__)
 
@@ -31,13 +32,15 @@ def adapter_differences(mask: FishMask, model: nn.Module) -> dict[str, tuple[Any
 
 def check_mask_fits(mask: FishMask, model: nn.Module, source: str) -> None:
     """Raise if `mask` (read from `source`) cannot apply to the model's adapter; warn if it was
-    made for an adapter with other settings."""
+    made for an adapter with other settings, or leaves modules of this adapter fixed at zero
+    (recorded in its metadata as for a computed mask)."""
     differences = ", ".join(
         f"{name}: mask {saved!r}, this run {value!r}"
         for name, (saved, value) in adapter_differences(mask, model).items()
     )
+    params = governed_by(mask, model)
     try:
-        mask.check_matches(governed_by(mask, model))
+        mask.check_matches(params)
     except ValueError as err:
         reason = f" It was made for another adapter ({differences})." if differences else ""
         raise ValueError(f"{source} does not fit this model: {err}{reason}") from None
@@ -45,3 +48,8 @@ def check_mask_fits(mask: FishMask, model: nn.Module, source: str) -> None:
         LOG.warning(
             f"fish_mask: {source} was made for another adapter, used as saved ({differences})"
         )
+    # What this run's adapter can move, not what the mask's own run could.
+    mask.metadata.pop("modules_fixed_at_zero", None)
+    record_modules_fixed_at_zero(
+        params, mask.masks, mask.metadata, f"The mask {source} decided this"
+    )

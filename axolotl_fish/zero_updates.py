@@ -9,13 +9,17 @@ scores 0, the lowest), and so can a small budget with `scope: global`.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from axolotl_fish.adapter_tensors import output_side_module
 from axolotl_fish.summary import natural_order
+
+LOG = logging.getLogger(__name__)
 
 
 def modules_fixed_at_zero(
@@ -35,4 +39,25 @@ def modules_fixed_at_zero(
             if not any(masks[key].any() or params[key].detach().any() for key in keys)
         ),
         key=natural_order,
+    )
+
+
+def record_modules_fixed_at_zero(
+    params: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+    cause: str,
+) -> None:
+    """Warn about `modules_fixed_at_zero` and record them in the mask's `metadata` (the summary
+    shows them); `cause` says what decided the mask. Nothing is recorded when there are none."""
+    fixed = modules_fixed_at_zero(params, masks)
+    if not fixed:
+        return
+    metadata["modules_fixed_at_zero"] = fixed
+    names = ", ".join(fixed[:3]) + (", ..." if len(fixed) > 3 else "")
+    LOG.warning(
+        f"fish_mask: {len(fixed)} adapter module(s) get no entry on their output side "
+        f"(lora_B, a bottleneck's up-projection), which is all zero, so their update stays "
+        f"exactly 0 for the whole run: {names}. {cause} (docs/how-it-works.md); "
+        f"`scope: per_tensor` gives every tensor its share of k."
     )
