@@ -7,6 +7,7 @@ way a mask file can be checked key by key against the weights it belongs to.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -126,6 +127,11 @@ def layer_index(key: str) -> int | None:
     """The block a saved adapter key belongs to (the first all-digit name part:
     `...layers.3.self_attn...`, GPT-2's `...h.3.attn...`); None outside numbered blocks."""
     return next((int(part) for part in key.split(".") if part.isdigit()), None)
+
+
+def natural_order(key: str) -> list[str | int]:
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def rank_axis(key: str) -> int | None:

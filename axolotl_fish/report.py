@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from axolotl_fish.adapter_tensors import natural_order
 from axolotl_fish.mask_file import FishMask
-from axolotl_fish.summary import layer, matrix, module_type, natural_order, selected_fractions
+from axolotl_fish.summary import layer, matrix, module_type, selected_fractions
 
 GROUPINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("layer", layer),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 import torch
 
-from axolotl_fish.adapter_tensors import layer_index, tensor_role
+from axolotl_fish.adapter_tensors import layer_index, natural_order, tensor_role
 from axolotl_fish.mask_file import FishMask
 
 
@@ -23,11 +22,6 @@ def matrix(key: str) -> str:
 def layer(key: str) -> str:
     index = layer_index(key)
     return "other" if index is None else str(index)
-
-
-def natural_order(name: str) -> list[str | int]:
-    """Sort key that puts layer 2 before layer 10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def selected_fractions(

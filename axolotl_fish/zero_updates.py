@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from axolotl_fish.adapter_tensors import output_side_module
-from axolotl_fish.summary import natural_order
+from axolotl_fish.adapter_tensors import natural_order, output_side_module
 
 LOG = logging.getLogger(__name__)
 
