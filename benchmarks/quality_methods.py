@@ -160,7 +160,8 @@ class DefaultQuestion:
     before the runs that decide it): the alternative replaces the paper's value only if it beats
     it on at least one task and is worse on none; one that is not an equal budget
     (`everywhere`) has to beat it on every task. Nothing is decided before every planned seed
-    of both methods is in on every task."""
+    of both methods is in on every task - except that an `everywhere` alternative that does
+    not beat the paper's value on one task with every seed in can no longer win."""
 
     key: str
     paper: str  # the paper's value, as written in the YAML
@@ -180,6 +181,17 @@ class DefaultQuestion:
             for task, d in diffs.items()
             if d is None or not d.complete(planned)
         ]
+        lost = [  # with `everywhere`, one complete task it does not beat on settles it
+            task
+            for task, d in diffs.items()
+            if self.everywhere and d is not None and d.complete(planned) and not d.beats
+        ]
+        if waiting and lost:
+            return (
+                f"`{self.paper}` stays: the alternative does not beat it on {', '.join(lost)} "
+                f"(every planned seed in) and must beat it on every task ({', '.join(waiting)}: "
+                f"run as registered, cannot change this)"
+            )
         if waiting:
             return f"undecided ({', '.join(waiting)}); `{self.paper}` stays meanwhile"
         beats = [task for task, d in diffs.items() if d is not None and d.beats]

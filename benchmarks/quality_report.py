@@ -210,7 +210,9 @@ def defaults_section(
         "([benchmarks.md](benchmarks.md#quality-at-equal-budget)): the alternative replaces the "
         "paper's value only if it beats it on at least one task and is worse on none "
         "(`restore_after_warmup: false`, not an equal budget, must beat it on every task); "
-        "nothing is decided before every planned seed is in on every task.",
+        "nothing is decided before every planned seed is in on every task, unless the outcome "
+        "is already settled (an alternative that must beat it on every task and did not on "
+        "one complete task).",
         "",
         "| default | paper | alternative | "
         + " | ".join(f"{task}: alternative - paper" for task in tasks)

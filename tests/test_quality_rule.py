@@ -79,3 +79,11 @@ def test_defaults_follow_the_written_rule(rule: tuple) -> None:
         "undecided (a 3 of 5 seeds); `0` stays meanwhile"
     )
     assert "b not run yet" in warmup.decide({"a": up, "b": None}, 5)
+    # ...except where the outcome is already settled: an alternative that must beat the
+    # paper's value on every task and did not on one complete task cannot win any more.
+    assert restore.decide({"a": flat, "b": None}, 5) == (
+        "`true` stays: the alternative does not beat it on a (every planned seed in) and must "
+        "beat it on every task (b not run yet: run as registered, cannot change this)"
+    )
+    assert restore.decide({"a": up, "b": partial}, 5).startswith("undecided (b 3 of 5 seeds)")
+    assert warmup.decide({"a": flat, "b": None}, 5).startswith("undecided")
