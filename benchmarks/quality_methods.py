@@ -263,6 +263,9 @@ def comparisons(table: list[Method], r: int, warmup: int) -> list[tuple[str, str
             f"random Adapter s{2 * ADAPTER_SIZE}->s{ADAPTER_SIZE}",
             "Fisher vs random selection, same k",
         ),
-        (f"fisher r{r} keep 2%", "dense LoRA r1", "below rank 1 vs dense r1"),
-        (f"fisher r{r} keep 0.5%", "dense LoRA r1", "below rank 1 vs dense r1"),
+        *[
+            (f"{selection} r{r} keep {share}", "dense LoRA r1", "below rank 1 vs dense r1")
+            for selection in ("fisher", "random")
+            for share in ("2%", "0.5%")
+        ],
     ]
