@@ -347,47 +347,51 @@ def plot_differences(
     tasks = [task for task, d in diffs.items() if d]
     if not tasks:
         return
+    # One row per method in every panel, in the order the tasks list them, so a method sits at
+    # the same height for every task; a task that has not run it leaves its row empty.
+    names = list(dict.fromkeys(name for task in tasks for name in diffs[task]))
     fig, axes = plt.subplots(
         1,
         len(tasks),
-        figsize=(6.5 * len(tasks), 0.45 * max(len(d) for d in diffs.values()) + 1.8),
+        figsize=(6.5 * len(tasks), 0.45 * len(names) + 1.8),
         squeeze=False,
     )
     for ax, task in zip(axes[0], tasks, strict=True):
-        names = list(diffs[task])
-        means = [100 * diffs[task][n].mean for n in names]
-        low = [100 * (diffs[task][n].mean - diffs[task][n].low) for n in names]
-        high = [100 * (diffs[task][n].high - diffs[task][n].mean) for n in names]
-        complete = [diffs[task][n].seeds >= planned[n] for n in names]
-        for done, style in ((True, {}), (False, {"markerfacecolor": "white"})):
-            rows = [i for i, c in enumerate(complete) if c is done]
+        ran = [i for i, name in enumerate(names) if name in diffs[task]]
+        d = {i: diffs[task][names[i]] for i in ran}
+        for done in (True, False):
+            rows = [i for i in ran if (d[i].seeds >= planned[names[i]]) is done]
             ax.errorbar(
-                [means[i] for i in rows],
+                [100 * d[i].mean for i in rows],
                 rows,
-                xerr=[[low[i] for i in rows], [high[i] for i in rows]],
+                xerr=[
+                    [100 * (d[i].mean - d[i].low) for i in rows],
+                    [100 * (d[i].high - d[i].mean) for i in rows],
+                ],
                 fmt="o",
                 capsize=3,
                 color="C0",
-                **style,
+                **({} if done else {"markerfacecolor": "white"}),
             )
         # The Student-t interval over seeds, drawn thin and grey just below each point, once
         # every planned seed is in (at 2 seeds its t quantile of 12.7 would set the axis).
-        for i, name in enumerate(names):
-            diff = diffs[task][name]
-            if complete[i] and diff.seeds > 1:
-                t_range = [100 * diff.t_low, 100 * diff.t_high]
+        for i in ran:
+            if d[i].seeds >= planned[names[i]] and d[i].seeds > 1:
+                t_range = [100 * d[i].t_low, 100 * d[i].t_high]
                 ax.plot(t_range, [i + 0.18] * 2, color="grey", linewidth=1)
         ax.axvline(0, color="grey", linestyle="--")
         labels = []
-        for name in names:
-            k, n = diffs[task][name].seeds, planned[name]
+        for i, name in enumerate(names):
+            k, n = (d[i].seeds if i in d else 0), planned[name]
             labels.append(
-                f"{name} ({k} seed{'' if k == 1 else 's'})"
+                f"{name} (not run yet)"
+                if not k
+                else f"{name} ({k} seed{'' if k == 1 else 's'})"
                 if k >= n
                 else f"{name} ({k} of {n} seeds)"
             )
         ax.set_yticks(range(len(names)), labels)
-        ax.invert_yaxis()
+        ax.set_ylim(len(names) - 0.5, -0.5)  # top to bottom, the same rows in every panel
         ax.set_xlabel(
             f"test accuracy - {dense}, points\nbars: paired bootstrap 95% interval\n"
             "grey: Student-t 95% interval over seeds\nhollow: not all planned seeds in yet"
