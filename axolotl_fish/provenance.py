@@ -49,7 +49,6 @@ def check_mask_fits(mask: FishMask, model: nn.Module, source: str) -> None:
             f"fish_mask: {source} was made for another adapter, used as saved ({differences})"
         )
     # What this run's adapter can move, not what the mask's own run could.
-    mask.metadata.pop("modules_fixed_at_zero", None)
     record_modules_fixed_at_zero(
         params, mask.masks, mask.metadata, f"The mask {source} decided this"
     )

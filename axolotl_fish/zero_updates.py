@@ -48,7 +48,9 @@ def record_modules_fixed_at_zero(
     cause: str,
 ) -> None:
     """Warn about `modules_fixed_at_zero` and record them in the mask's `metadata` (the summary
-    shows them); `cause` says what decided the mask. Nothing is recorded when there are none."""
+    shows them), replacing any earlier record; `cause` says what decided the mask. Where there
+    are none, the metadata has no record."""
+    metadata.pop("modules_fixed_at_zero", None)
     fixed = modules_fixed_at_zero(params, masks)
     if not fixed:
         return
