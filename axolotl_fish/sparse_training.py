@@ -34,6 +34,9 @@ from torch.utils.hooks import RemovableHandle
 from axolotl_fish.masking import partly_selected
 
 VALUES_SUFFIX = "_fish_values"
+# `index_copy_` takes int64 indices only: writing back this many entries at a time bounds the
+# transient int64 copy of a tensor's int32 indices to 32 MiB, whatever its k.
+WRITE_CHUNK = 1 << 22
 
 
 class _SelectedGradient(torch.autograd.Function):
@@ -75,7 +78,7 @@ class _SparseTensor:
         self.owners = [
             module for module in model.modules() if module._parameters.get(self.name) is weight
         ]
-        self.values = nn.Parameter(weight.detach().reshape(-1)[self.indices.long()].clone())
+        self.values = nn.Parameter(weight.detach().reshape(-1).index_select(0, self.indices))
         weight.requires_grad_(False)
 
     @property
@@ -85,12 +88,15 @@ class _SparseTensor:
     @torch.no_grad()
     def write_back(self) -> None:
         """Put the trained values into the weight (the selected entries only)."""
-        self.weight.view(-1).index_copy_(0, self.indices.long(), self.values.to(self.weight.dtype))
+        flat, values = self.weight.view(-1), self.values.to(self.weight.dtype)
+        for start in range(0, self.indices.numel(), WRITE_CHUNK):
+            chunk = slice(start, start + WRITE_CHUNK)
+            flat.index_copy_(0, self.indices[chunk].long(), values[chunk])
 
     @torch.no_grad()
     def read_back(self) -> None:
         """Take the values from the weight (after a checkpoint was loaded into it)."""
-        self.values.copy_(self.weight.reshape(-1)[self.indices.long()])
+        self.values.copy_(self.weight.reshape(-1).index_select(0, self.indices))
 
 
 class SparseTraining:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_peft import padded_batches, tiny_base_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from axolotl_fish import FishMask, FishMaskCallback
+from axolotl_fish import FishMask, FishMaskCallback, sparse_training
 from axolotl_fish.adapter_tensors import saved_state, trainable_parameters
 from axolotl_fish.cli import fish_mask
 from axolotl_fish.masking import GradientMask
@@ -196,3 +196,22 @@ def test_gradient_checkpointing_gives_the_same_value_gradients(reentrant):
         grads.append(torch.cat([tensor.values.grad for tensor in sparse.tensors]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_write_back_in_chunks_writes_every_selected_entry_and_nothing_else(monkeypatch):
+    """Chunks smaller than k (and not dividing it) still write all k values, and only them."""
+    monkeypatch.setattr(sparse_training, "WRITE_CHUNK", 7)
+    model = tiny_base_model("llama")
+    params = trainable_parameters(model)
+    initial = {key: param.detach().clone() for key, param in params.items()}
+    masks = select_top_k(random_scores(params, seed=0), 500, seed=0).masks
+    sparse = SparseTraining(model, params, masks)
+    assert any(tensor.values.numel() > 7 for tensor in sparse.tensors)
+    with torch.no_grad():
+        for tensor in sparse.tensors:
+            tensor.values.copy_(torch.randn_like(tensor.values))
+    sparse.after_step()
+    for tensor in sparse.tensors:
+        keep = masks[tensor.key]
+        assert torch.equal(tensor.weight.detach()[keep], tensor.values.detach()), tensor.key
+        assert torch.equal(tensor.weight.detach()[~keep], initial[tensor.key][~keep]), tensor.key
