@@ -34,9 +34,9 @@ class FishMaskCallback(TrainerCallback):
     after every step (`GradientMask`). Without one (full-parameter mode), partly selected weights
     are frozen and only their selected values train (`SparseTraining`: O(k) gradient and optimizer
     state); `fish_delta.safetensors` (the changed entries, see `sparse_delta`) is then written
-    into every checkpoint and, when training ends, into `output_dir`. `sparse=False` keeps
-    full-parameter mode on `GradientMask` (dense gradients and optimizer state): the path for
-    FSDP2, whose sharded parameters the value vectors do not follow.
+    into every checkpoint and, when training ends, into `output_dir` (not under FSDP2: the value
+    vectors are sharded like the weights, but the delta is not gathered). `sparse=False` keeps
+    full-parameter mode on `GradientMask` (dense gradients and optimizer state).
 
     Construct it before `trainer.train()`, while the model holds its initial weights: tensors
     with no selected entry stop requiring gradients here, before the optimizer is built. Under
@@ -56,9 +56,9 @@ class FishMaskCallback(TrainerCallback):
             self.delta = DeltaRecorder(
                 model, trainable_parameters(model), mask.masks, record_base=rank_and_world()[0] == 0
             )
-            sparse_training = SparseTraining(model, params, mask.masks)
-            self._begin = _reading_back(sparse_training)
-            self._step, self._end = sparse_training.after_step, sparse_training.remove
+            self.sparse_training = SparseTraining(model, params, mask.masks)
+            self._begin = self._begin_sparse
+            self._step, self._end = self.sparse_training.after_step, self.sparse_training.remove
         else:
             gradient_mask = GradientMask(params, mask.masks)
             names = {id(param): name for name, param in model.named_parameters()}
@@ -113,6 +113,11 @@ class FishMaskCallback(TrainerCallback):
             os.makedirs(args.output_dir, exist_ok=True)
             self.delta.delta().save(args.output_dir)
 
+    def _begin_sparse(self, prepared: nn.Module | None) -> None:
+        if prepared is not None and any(is_sharded(p) for p in prepared.parameters()):
+            self.delta = None  # its tensors are the unsharded ones FSDP2 replaced
+        self.sparse_training.read_back()
+
     def _save_into(self, folder: str) -> None:
         """The mask and, in full-parameter mode, the sparse delta, into a checkpoint folder."""
         self.mask.save(folder)
@@ -123,19 +128,6 @@ class FishMaskCallback(TrainerCallback):
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
     """The `checkpoint-N` folder the Trainer saves at the current step."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-
-
-def _reading_back(sparse_training: SparseTraining) -> Callable[[nn.Module | None], None]:
-    def begin(prepared: nn.Module | None) -> None:
-        if prepared is not None and any(is_sharded(p) for p in prepared.parameters()):
-            raise ValueError(
-                "fish_mask: sparse full-parameter training does not follow FSDP2's sharded "
-                "parameters; construct FishMaskCallback(model, mask, sparse=False) (dense masked "
-                "training, what the Axolotl plugin does under FSDP2)."
-            )
-        sparse_training.read_back()
-
-    return begin
 
 
 def _rebinding(

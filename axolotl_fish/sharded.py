@@ -4,17 +4,20 @@ FSDP2 replaces every parameter by an `nn.Parameter` holding a DTensor: each rank
 (`Shard(0)`, uneven when the first dimension does not divide by the world size, empty on ranks
 past its end). The optimizer steps those slices, so masking acts on them: a full mask is cut to
 the same slice as its parameter (no communication: every rank holds the full mask), and
-gradients, snapshots and restores work on the local slices. Plain tensors pass through, so one
-code path serves one device, DDP and FSDP2 alike.
+gradients, snapshots and restores work on the local slices. Sparse training's value vectors are
+sharded parameters too; writing them back finds each rank's rows of a weight (`flat_range`).
+Plain tensors pass through, so one code path serves one device, DDP and FSDP2 alike.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 # Module names that wrappers insert into parameter names: activation checkpointing
 # (`checkpoint_wrapper`), `torch.compile`, FSDP1. FSDP2 itself keeps names.
@@ -31,14 +34,43 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole on every rank (a collective: every rank must call it); any other
+    tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of `full` (held whole by every rank) that lines up with this rank's slice of
+    `like`; all of it when `like` is not sharded."""
+    if not isinstance(like, DTensor):
+        return full.to(like.device)
+    full = full.to(like.to_local().device)
+    # src_data_rank=None: every rank cuts its own slice of the tensor it holds (no broadcast).
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
 def local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The part of a full bool `mask` that lines up with this rank's slice of `param`."""
+    return local_slice(mask.to(torch.bool), param)
+
+
+def flat_range(param: torch.Tensor) -> tuple[int, int]:
+    """The flat positions [begin, end) of the full tensor that this rank's slice of `param`
+    holds: FSDP2's row shards (`Shard(0)`, replicated across an HSDP mesh's other dimension) are
+    contiguous; a plain tensor holds all of them."""
     if not isinstance(param, DTensor):
-        return mask.to(device=param.device, dtype=torch.bool)
-    full = mask.to(device=param.to_local().device, dtype=torch.bool)
-    # src_data_rank=None: every rank cuts its own slice of the mask it holds (no broadcast).
-    sliced = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-    return sliced.to_local()
+        return 0, param.numel()
+    if any(not (p.is_shard(0) or p.is_replicate()) for p in param.placements):
+        raise ValueError(
+            f"fish_mask: sparse training needs parameters sharded along their first dimension "
+            f"(FSDP2's default); this one is placed as {param.placements}."
+        )
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    row = math.prod(param.shape[1:])
+    return offset[0] * row, (offset[0] + shape[0]) * row
 
 
 def unwrapped_name(name: str) -> str:

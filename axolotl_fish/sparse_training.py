@@ -19,7 +19,14 @@ For every tensor with some (not all) entries selected:
 
 The values never reach a state dict (a hook drops them), so `save_pretrained` and the Trainer's
 checkpoints write a standard `model.safetensors` holding the trained weights; loading one (a
-resume) reads the values back from the weight. Tensors with no selected entry only stop requiring
+resume) reads the values back from the weight.
+
+Under FSDP2 (construct it before `fully_shard`, as the callback is) the value vectors are ordinary
+parameters of their modules, so FSDP2 shards them like the weights: each rank holds AdamW state for
+its share of k, gathers the values for forward and reduce-scatters their gradients. The weight and
+the values are looked up on their module at every use (FSDP2 swaps in sharded and gathered
+copies); after each step every rank gathers one tensor's values at a time and writes those that
+fall into its rows of the weight. Tensors with no selected entry only stop requiring
 gradients; fully selected tensors and tensors outside the candidates train densely, as before.
 """
 
@@ -32,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from axolotl_fish.masking import partly_selected
+from axolotl_fish.sharded import flat_range, full_tensor, local_part, local_slice
 
 VALUES_SUFFIX = "_fish_values"
 # `index_copy_` takes int64 indices only: writing back this many entries at a time bounds the
@@ -62,12 +70,15 @@ class _SelectedGradient(torch.autograd.Function):
 
 
 class _SparseTensor:
-    """One partly selected weight: its owners, selected flat indices and trainable values."""
+    """One partly selected weight: its owners, selected flat indices and trainable values.
+
+    The weight and the values are looked up on their module at each use: FSDP2 replaces both by
+    sharded parameters (and, during forward, by their gathered copies) under the same names."""
 
     def __init__(self, key: str, weight: nn.Parameter, mask: torch.Tensor, model: nn.Module):
         if not weight.is_contiguous():
             raise ValueError(f"Sparse training needs contiguous weights; {key!r} is not.")
-        self.key, self.weight = key, weight
+        self.key = key
         flat = mask.to(weight.device).reshape(-1).nonzero()[:, 0]
         small = weight.numel() <= torch.iinfo(torch.int32).max
         self.indices = flat.to(torch.int32) if small else flat
@@ -78,25 +89,63 @@ class _SparseTensor:
         self.owners = [
             module for module in model.modules() if module._parameters.get(self.name) is weight
         ]
-        self.values = nn.Parameter(weight.detach().reshape(-1).index_select(0, self.indices))
+        values = nn.Parameter(weight.detach().reshape(-1).index_select(0, self.indices))
         weight.requires_grad_(False)
+        self.home.register_parameter(self.values_name, values)
+        self._in_use: dict[int, torch.Tensor] = {}  # owner id -> its weight, while swapped out
+        self._local: tuple[int, torch.Tensor] | None = None  # this rank's part: start, indices
 
     @property
     def values_name(self) -> str:
         return self.name + VALUES_SUFFIX
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.home._parameters[self.name]
+
+    @property
+    def values(self) -> nn.Parameter:
+        return self.home._parameters[self.values_name]
+
+    def swap_in(self, owner: nn.Module) -> None:
+        weight = owner._parameters[self.name]
+        self._in_use[id(owner)] = weight
+        owner._parameters[self.name] = _SelectedGradient.apply(weight, self.values, self.indices)
+
+    def swap_out(self, owner: nn.Module) -> None:
+        owner._parameters[self.name] = self._in_use.pop(id(owner))
+
     @torch.no_grad()
     def write_back(self) -> None:
-        """Put the trained values into the weight (the selected entries only)."""
-        flat, values = self.weight.view(-1), self.values.to(self.weight.dtype)
-        for start in range(0, self.indices.numel(), WRITE_CHUNK):
-            chunk = slice(start, start + WRITE_CHUNK)
-            flat.index_copy_(0, self.indices[chunk].long(), values[chunk])
+        """Put the trained values into the weight (the selected entries only). Under FSDP2 every
+        rank gathers the values and writes those that fall into its slice of the weight."""
+        weight, values = self.weight, full_tensor(self.values)
+        start, indices = self._local_indices()
+        flat = local_part(weight).view(-1)
+        values = values[start : start + indices.numel()].to(weight.dtype)
+        for first in range(0, indices.numel(), WRITE_CHUNK):
+            chunk = slice(first, first + WRITE_CHUNK)
+            flat.index_copy_(0, indices[chunk].long(), values[chunk])
 
     @torch.no_grad()
     def read_back(self) -> None:
         """Take the values from the weight (after a checkpoint was loaded into it)."""
-        self.values.copy_(self.weight.reshape(-1).index_select(0, self.indices))
+        selected = full_tensor(self.weight).reshape(-1).index_select(0, self.indices)
+        local_part(self.values).copy_(local_slice(selected, self.values))
+
+    def _local_indices(self) -> tuple[int, torch.Tensor]:
+        """Where this rank's slice of the weight begins in `indices`, and the flat positions of
+        the selected entries in that slice (all of them on one device)."""
+        if self._local is None:
+            begin, end = flat_range(self.weight)
+            if (begin, end) == (0, self.weight.numel()):
+                self._local = 0, self.indices  # the whole weight: no copy of the indices
+            else:
+                bounds = torch.tensor([begin, end], dtype=self.indices.dtype)
+                found = torch.searchsorted(self.indices, bounds.to(self.indices.device))
+                first, last = found.tolist()
+                self._local = first, self.indices[first:last] - begin
+        return self._local
 
 
 class SparseTraining:
@@ -115,7 +164,6 @@ class SparseTraining:
         for key, param in partly_selected(params, masks).items():
             self.tensors.append(_SparseTensor(key, param, masks[key], model))
         for tensor in self.tensors:
-            tensor.home.register_parameter(tensor.values_name, tensor.values)
             for owner in tensor.owners:
                 self._handles += [
                     owner.register_forward_pre_hook(_swap_in(tensor)),
@@ -155,15 +203,15 @@ class SparseTraining:
 def _swap_in(tensor: _SparseTensor):
     def hook(module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled():
-            view = _SelectedGradient.apply(tensor.weight, tensor.values, tensor.indices)
-            module._parameters[tensor.name] = view
+            tensor.swap_in(module)
 
     return hook
 
 
 def _swap_out(tensor: _SparseTensor):
     def hook(module: nn.Module, args: tuple, output: object) -> None:
-        module._parameters[tensor.name] = tensor.weight
+        if id(module) in tensor._in_use:
+            tensor.swap_out(module)
 
     return hook
 

@@ -29,6 +29,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from axolotl_fish.distributed import mask_digest
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.sparse_delta import DELTA_FILENAME
+from axolotl_fish.sparse_training import VALUES_SUFFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -196,24 +198,35 @@ def test_resume_keeps_the_checkpoint_s_mask(lora_runs):
     assert mask.metadata["keep_ratio"] == 0.3  # not the resumed config's 0.5
 
 
-def test_full_parameter_fsdp2_keeps_masked_weights_of_the_base_model(
-    tmp_path, tiny_llama_dir, alpaca_jsonl
-):
-    """No adapter: every weight of the model is a candidate and is sharded."""
-    fish_mask = {"keep_ratio": 0.05, "num_samples": 8}
-    config = write_config(
-        tmp_path,
-        tiny_llama_dir,
-        alpaca_jsonl,
-        **TRAINING,
-        **FSDP2,
-        adapter=None,
-        fish_mask=fish_mask,
-        max_steps=2,
-    )
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
+    """No adapter: every weight of the model is a candidate and is sharded. Four steps straight
+    (checkpoints 2 and 4), and a resume from its checkpoint-2 to step 4 in another folder."""
+    settings = {**TRAINING, **FSDP2, "adapter": None, "max_steps": 4}
+    settings["fish_mask"] = {"keep_ratio": 0.05, "num_samples": 8}
+    straight = tmp_path_factory.mktemp("fsdp2_full")
+    config = write_config(straight, tiny_llama_dir, alpaca_jsonl, **settings)
     assert yaml.safe_load(config.read_text())["fsdp_version"] == 2
     log = train_fsdp2(config)
-    out = tmp_path / "out"
+    resumed = tmp_path_factory.mktemp("fsdp2_full_resumed")
+    checkpoint = str(straight / "out/checkpoint-2")
+    config = write_config(
+        resumed, tiny_llama_dir, alpaca_jsonl, **settings, resume_from_checkpoint=checkpoint
+    )
+    return straight / "out", log, resumed / "out", train_fsdp2(config)
+
+
+def optimizer_state(checkpoint: Path, tmp_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{parameter name: its AdamW state} of a sharded (DCP) checkpoint, gathered."""
+    target = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}-optimizer.pt"
+    dcp_to_torch_save(str(checkpoint / "optimizer_0"), str(target))
+    return torch.load(target)["optimizer"]["state"]
+
+
+def test_full_parameter_fsdp2_keeps_masked_weights_of_the_base_model(
+    full_runs, tiny_llama_dir, tmp_path
+):
+    out, log, resumed, _ = full_runs
     mask = FishMask.load(out)
     base = load_file(tiny_llama_dir / "model.safetensors")
     digest = mask_digest(mask.masks)
@@ -223,7 +236,9 @@ def test_full_parameter_fsdp2_keeps_masked_weights_of_the_base_model(
     assert_really_sharded(out / "checkpoint-2", mask, split="weight")
     saved = {
         "checkpoint-2": gathered_weights(out / "checkpoint-2", tmp_path),
+        "checkpoint-4": gathered_weights(out / "checkpoint-4", tmp_path),
         "final": load_file(out / "model.safetensors"),
+        "resumed final": load_file(resumed / "model.safetensors"),
     }
     assert mask_digest(FishMask.load(out / "checkpoint-2").masks) == digest
     for name, weights in saved.items():
@@ -232,3 +247,34 @@ def test_full_parameter_fsdp2_keeps_masked_weights_of_the_base_model(
             assert torch.equal(weights[key][~keep], base[key][~keep]), (name, key)
         moved = sum(int((weights[k] != base[k])[m].sum()) for k, m in mask.masks.items())
         assert moved > 0.5 * mask.k, name
+
+
+def test_full_parameter_fsdp2_keeps_optimizer_state_for_the_k_selected_entries_only(
+    full_runs, tmp_path
+):
+    """Partly selected weights train as sharded value vectors: AdamW state for k entries."""
+    out, log, _, _ = full_runs
+    mask = FishMask.load(out)
+    assert "the value vectors are sharded like the weights" in log
+    state = optimizer_state(out / "checkpoint-2", tmp_path)
+    partly = {key for key, keep in mask.masks.items() if keep.any() and not keep.all()}
+    fully = {key for key, keep in mask.masks.items() if keep.all()}
+    assert len(partly) > 5
+    assert set(state) == {key + VALUES_SUFFIX for key in partly} | fully
+    assert sum(entry["exp_avg"].numel() for entry in state.values()) == mask.k
+    assert not (out / DELTA_FILENAME).exists()  # the delta is not gathered under FSDP2
+
+
+def test_full_parameter_fsdp2_resume_continues_as_if_never_stopped(full_runs, tmp_path):
+    """The resumed run loads the checkpoint's optimizer state into the value vectors (AdamW's
+    step count goes on from 2) and its weights into them, and ends where the straight run did."""
+    out, _, resumed, resumed_log = full_runs
+    assert f"resuming with the mask saved in {out / 'checkpoint-2' / MASK_FILENAME}" in resumed_log
+    steps = {
+        entry["step"].item()
+        for entry in optimizer_state(resumed / "checkpoint-4", tmp_path).values()
+    }
+    assert steps == {4}
+    straight, again = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key, weight in straight.items():
+        torch.testing.assert_close(again[key], weight, rtol=0, atol=1e-6, msg=key)

@@ -18,10 +18,11 @@ from axolotl_run import free_port
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.sharded import local_mask, parameters_by_name
+from axolotl_fish.sharded import flat_range, local_mask, parameters_by_name
+from axolotl_fish.sparse_training import VALUES_SUFFIX
 
 WORLD = 2
 STEPS = 3
@@ -48,8 +49,9 @@ def batch(rank: int, micro: int, step: int) -> torch.Tensor:
     )
 
 
-def train(model: nn.Module, callback: FishMaskCallback, ranks: list[int], sync) -> list[float]:
-    """AdamW with weight decay over STEPS steps of MICRO_STEPS micro-batches; the clip norms."""
+def train(model: nn.Module, callback: FishMaskCallback, ranks: list[int], sync):
+    """AdamW with weight decay over STEPS steps of MICRO_STEPS micro-batches; the optimizer and
+    the clip norms."""
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1
     )
@@ -63,18 +65,18 @@ def train(model: nn.Module, callback: FishMaskCallback, ranks: list[int], sync) 
         optimizer.step()
         callback.on_optimizer_step(None, None, None)
         optimizer.zero_grad()
-    return norms
+    return optimizer, norms
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, port: int, out_dir: str, sparse: bool) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
         model = toy_model()
         mask = toy_mask(model)
-        # Before wrapping, as the plugin does; dense masked training, as the plugin under FSDP2.
-        callback = FishMaskCallback(model, mask, sparse=False)
+        # Before wrapping, as the plugin does: value vectors (sparse) or dense masked training.
+        callback = FishMaskCallback(model, mask, sparse=sparse)
         mesh = init_device_mesh("cpu", (WORLD,))
         for layer in (model[0], model[2]):
             fully_shard(layer, mesh=mesh)
@@ -90,22 +92,31 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 "requires_grad": p.requires_grad,
             }
             for key, p in params.items()
+            if key in mask.masks
         }
-        norms = train(model, callback, [rank], model.set_requires_gradient_sync)
+        values = {key: p for key, p in params.items() if key.endswith(VALUES_SUFFIX)}
+        optimizer, norms = train(model, callback, [rank], model.set_requires_gradient_sync)
+        values = {key: (type(p).__name__, tuple(p.to_local().shape)) for key, p in values.items()}
+        state = sum(state["exp_avg"].to_local().numel() for state in optimizer.state.values())
         try:
             compute_fish_mask(model, [], FishMaskConfig(keep_ratio=0.5), progress=False)
         except ValueError as err:
             Path(out_dir, f"refused{rank}.txt").write_text(str(err))
-        final = {key: p.full_tensor() for key, p in params.items()}
-        torch.save({"local": local, "norms": norms, "final": final}, f"{out_dir}/rank{rank}.pt")
+        try:
+            flat_range(distribute_tensor(torch.zeros(2, 4), mesh, [Shard(1)]))
+        except ValueError as err:
+            Path(out_dir, f"columns{rank}.txt").write_text(str(err))
+        final = {key: params[key].full_tensor() for key in mask.masks}
+        run = {"local": local, "values": values, "state": state, "norms": norms, "final": final}
+        torch.save(run, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["dense-masked", "value-vectors"])
+def sharded_runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), str(out), request.param), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
@@ -116,7 +127,7 @@ def one_process():
     callback = FishMaskCallback(model, toy_mask(model), sparse=False)
     not_main = SimpleNamespace(is_world_process_zero=False)  # writes no mask file
     callback.on_train_begin(SimpleNamespace(output_dir=""), not_main, None)
-    norms = train(model, callback, list(range(WORLD)), lambda sync: None)
+    _, norms = train(model, callback, list(range(WORLD)), lambda sync: None)
     return dict(model.named_parameters()), norms
 
 
@@ -164,6 +175,13 @@ def test_mask_written_by_rank_zero_and_scoring_a_sharded_model_is_refused(sharde
         assert "already sharded (a DTensor)" in message and "before the model is wrapped" in message
 
 
+def test_sparse_training_refuses_weights_sharded_along_another_dimension(sharded_runs):
+    out, _ = sharded_runs
+    for rank in range(WORLD):
+        message = (out / f"columns{rank}.txt").read_text()
+        assert "sharded along their first dimension" in message and "Shard(dim=1)" in message
+
+
 def test_local_mask_of_a_plain_tensor_is_the_mask():
     mask = torch.tensor([True, False])
     assert torch.equal(local_mask(mask, torch.zeros(2)), mask)
@@ -183,3 +201,20 @@ def test_parameters_are_found_by_name_through_activation_checkpointing_wrappers(
     assert found["last.bias"] is model[2].bias
     with pytest.raises(ValueError, match=r"parameter '1.weight' \(1 in all\) is gone"):
         parameters_by_name(model, {"x": "1.weight"})
+
+
+def test_value_vectors_are_sharded_and_alone_hold_optimizer_state(sharded_runs):
+    """Value vectors: AdamW state for the k selected entries, split between the ranks. Dense
+    masked training: state for every entry of a tensor with a selected one."""
+    _, ranks = sharded_runs
+    masks = toy_mask(toy_model()).masks
+    trained = {key: keep for key, keep in masks.items() if keep.any()}
+    if ranks[0]["values"]:
+        for key, keep in trained.items():
+            name = key + VALUES_SUFFIX
+            assert {run["values"][name][0] for run in ranks} == {"DTensor"}, key
+            assert sum(run["values"][name][1][0] for run in ranks) == int(keep.sum()), key
+        assert sum(run["state"] for run in ranks) == sum(int(k.sum()) for k in trained.values())
+        assert all(run["state"] > 0 for run in ranks)
+    else:
+        assert sum(run["state"] for run in ranks) == sum(k.numel() for k in trained.values())

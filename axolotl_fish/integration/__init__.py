@@ -97,13 +97,12 @@ class FishMaskPlugin(BasePlugin):
             check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
-        sharded = bool(cfg.fsdp or cfg.fsdp_config)  # validation lets only FSDP2 through
-        if sharded and trains_own_weights(trainer.model):
+        if _sharded(cfg) and trains_own_weights(trainer.model):
             LOG.info(
-                "fish_mask: full-parameter mode under FSDP2 trains with dense masked gradients "
-                "(sparse value vectors do not follow sharded parameters)"
+                "fish_mask: full-parameter mode under FSDP2: the value vectors are sharded like "
+                "the weights; no fish_delta.safetensors is written (the delta is not gathered)"
             )
-        callback = FishMaskCallback(trainer.model, mask, sparse=not sharded)
+        callback = FishMaskCallback(trainer.model, mask)
         rank, world = rank_and_world()
         if world > 1:
             LOG.info(
@@ -123,7 +122,7 @@ class FishMaskPlugin(BasePlugin):
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
             delta = ""
-            if cfg.adapter is None:
+            if cfg.adapter is None and not _sharded(cfg):
                 delta = (
                     f", sparse delta in {Path(cfg.output_dir) / DELTA_FILENAME} (rebuild the "
                     f"model with `axolotl fish-mask apply {cfg.base_model} DELTA OUT_DIR`)"
@@ -132,6 +131,10 @@ class FishMaskPlugin(BasePlugin):
                 f"fish_mask: weights in {cfg.output_dir}, mask in {path}{delta}\n{summarize(mask)}",
                 main_process_only=False,
             )
+
+
+def _sharded(cfg: DictDefault) -> bool:
+    return bool(cfg.fsdp or cfg.fsdp_config)  # validation lets only FSDP2 through
 
 
 def _resume_mask_path(cfg: DictDefault) -> Path | None:
