@@ -10,7 +10,7 @@ Usable with any HF `Trainer`:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -22,7 +22,7 @@ from axolotl_fish.distributed import check_identical_across_ranks, rank_and_worl
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
 from axolotl_fish.sharded import is_sharded, parameters_by_name
-from axolotl_fish.sparse_delta import DeltaRecorder
+from axolotl_fish.sparse_delta import DeltaRecorder, SparseDelta
 from axolotl_fish.sparse_training import SparseTraining
 
 
@@ -34,9 +34,9 @@ class FishMaskCallback(TrainerCallback):
     after every step (`GradientMask`). Without one (full-parameter mode), partly selected weights
     are frozen and only their selected values train (`SparseTraining`: O(k) gradient and optimizer
     state); `fish_delta.safetensors` (the changed entries, see `sparse_delta`) is then written
-    into every checkpoint and, when training ends, into `output_dir` (not under FSDP2: the value
-    vectors are sharded like the weights, but the delta is not gathered). `sparse=False` keeps
-    full-parameter mode on `GradientMask` (dense gradients and optimizer state).
+    into every checkpoint and, when training ends, into `output_dir`. Under FSDP2 the value
+    vectors are sharded like the weights. `sparse=False` keeps full-parameter mode on
+    `GradientMask` (dense gradients and optimizer state).
 
     Construct it before `trainer.train()`, while the model holds its initial weights: tensors
     with no selected entry stop requiring gradients here, before the optimizer is built. Under
@@ -51,20 +51,20 @@ class FishMaskCallback(TrainerCallback):
         self.digest = check_identical_across_ranks(mask.masks)
         self.mask = mask
         self.delta: DeltaRecorder | None = None
+        self._sharded = False  # set when training starts: FSDP2 prepared the model
         self._begin: Callable[[nn.Module | None], None]
         if sparse and trains_own_weights(model):
+            changed = trainable_parameters(model)
             self.delta = DeltaRecorder(
-                model, trainable_parameters(model), mask.masks, record_base=rank_and_world()[0] == 0
+                model, changed, mask.masks, record_base=rank_and_world()[0] == 0
             )
+            self._changed_names = _names(model, changed)
             self.sparse_training = SparseTraining(model, params, mask.masks)
             self._begin = self._begin_sparse
             self._step, self._end = self.sparse_training.after_step, self.sparse_training.remove
         else:
             gradient_mask = GradientMask(params, mask.masks)
-            names = {id(param): name for name, param in model.named_parameters()}
-            self._begin = _rebinding(
-                gradient_mask, {key: names[id(p)] for key, p in params.items()}
-            )
+            self._begin = _rebinding(gradient_mask, _names(model, params))
             self._step, self._end = gradient_mask.restore, gradient_mask.remove
 
     def on_train_begin(
@@ -92,8 +92,7 @@ class FishMaskCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        if state.is_world_process_zero:
-            self._save_into(_checkpoint_dir(args, state))
+        self._save_into(_checkpoint_dir(args, state), state)
 
     def on_push_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -101,33 +100,50 @@ class FishMaskCallback(TrainerCallback):
         # With `push_to_hub`, the Trainer uploads a checkpoint (hub_strategy `checkpoint` or
         # `all_checkpoints`) before `on_save`: the mask must be in it already. output_dir, which
         # every push uploads, has had its mask since training began.
-        checkpoint = _checkpoint_dir(args, state)
-        if state.is_world_process_zero and os.path.isdir(checkpoint):
-            self._save_into(checkpoint)
+        self._save_into(_checkpoint_dir(args, state), state, only_if_present=True)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         self._end()
-        if self.delta is not None and state.is_world_process_zero:
+        delta = self._delta_for(state.is_world_process_zero)
+        if delta is not None and state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
-            self.delta.delta().save(args.output_dir)
+            delta.save(args.output_dir)
 
     def _begin_sparse(self, prepared: nn.Module | None) -> None:
-        if prepared is not None and any(is_sharded(p) for p in prepared.parameters()):
-            self.delta = None  # its tensors are the unsharded ones FSDP2 replaced
+        if prepared is not None:
+            self._sharded = any(is_sharded(p) for p in prepared.parameters())
+            self.delta.bind(parameters_by_name(prepared, self._changed_names))
         self.sparse_training.read_back()
 
-    def _save_into(self, folder: str) -> None:
-        """The mask and, in full-parameter mode, the sparse delta, into a checkpoint folder."""
-        self.mask.save(folder)
-        if self.delta is not None:
-            self.delta.delta().save(folder)
+    def _delta_for(self, write: bool) -> SparseDelta | None:
+        """The sparse delta so far where it is written; under FSDP2 every rank takes part in
+        gathering it (each trained tensor whole, one at a time)."""
+        if self.delta is None or not (write or self._sharded):
+            return None
+        return self.delta.delta()
+
+    def _save_into(self, folder: str, state: TrainerState, only_if_present: bool = False) -> None:
+        """The mask and, in full-parameter mode, the sparse delta, into a checkpoint folder.
+        Called on every rank: gathering an FSDP2 delta takes all of them."""
+        write = state.is_world_process_zero and (os.path.isdir(folder) or not only_if_present)
+        delta = self._delta_for(write)
+        if write:
+            self.mask.save(folder)
+            if delta is not None:
+                delta.save(folder)
 
 
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
     """The `checkpoint-N` folder the Trainer saves at the current step."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def _names(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, str]:
+    """`{key: the name the model gives params[key]}`, to find the parameters again by name."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return {key: names[id(param)] for key, param in params.items()}
 
 
 def _rebinding(

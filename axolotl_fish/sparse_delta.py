@@ -26,6 +26,7 @@ from torch import nn
 
 from axolotl_fish.adapter_tensors import saved_state
 from axolotl_fish.safetensors_io import json_metadata, read, resolve, save_atomically
+from axolotl_fish.sharded import full_tensor
 
 DELTA_FILENAME = "fish_delta.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt")
@@ -161,10 +162,15 @@ class DeltaRecorder:
                 "k": sum(index.numel() for index in self.indices.values()),
             }
 
+    def bind(self, current: Mapping[str, torch.Tensor]) -> None:
+        """Follow the tensors to the ones the Trainer prepared (FSDP2 replaces them)."""
+        self.tensors = {key: current[key] for key in self.tensors}
+
     def delta(self) -> SparseDelta:
+        """Under FSDP2 a collective: every rank gathers each trained tensor in turn."""
         values = {}
         for key, tensor in self.tensors.items():
-            flat = tensor.detach().reshape(-1)
+            flat = full_tensor(tensor.detach()).reshape(-1)
             index = self.indices.get(key)
             values[key] = flat.clone() if index is None else flat[index.to(flat.device).long()]
         return SparseDelta(values=values, indices=dict(self.indices), metadata=self.metadata)

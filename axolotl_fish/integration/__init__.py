@@ -97,10 +97,11 @@ class FishMaskPlugin(BasePlugin):
             check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
         LOG.info(summarize(mask))
-        if _sharded(cfg) and trains_own_weights(trainer.model):
+        if (cfg.fsdp or cfg.fsdp_config) and trains_own_weights(trainer.model):
             LOG.info(
-                "fish_mask: full-parameter mode under FSDP2: the value vectors are sharded like "
-                "the weights; no fish_delta.safetensors is written (the delta is not gathered)"
+                "fish_mask: full-parameter mode under FSDP2: the value vectors of the selected "
+                "entries are sharded like the weights (AdamW state for k entries across all "
+                "ranks); every save gathers the sparse delta"
             )
         callback = FishMaskCallback(trainer.model, mask)
         rank, world = rank_and_world()
@@ -122,7 +123,7 @@ class FishMaskPlugin(BasePlugin):
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
             delta = ""
-            if cfg.adapter is None and not _sharded(cfg):
+            if cfg.adapter is None:
                 delta = (
                     f", sparse delta in {Path(cfg.output_dir) / DELTA_FILENAME} (rebuild the "
                     f"model with `axolotl fish-mask apply {cfg.base_model} DELTA OUT_DIR`)"
@@ -131,10 +132,6 @@ class FishMaskPlugin(BasePlugin):
                 f"fish_mask: weights in {cfg.output_dir}, mask in {path}{delta}\n{summarize(mask)}",
                 main_process_only=False,
             )
-
-
-def _sharded(cfg: DictDefault) -> bool:
-    return bool(cfg.fsdp or cfg.fsdp_config)  # validation lets only FSDP2 through
 
 
 def _resume_mask_path(cfg: DictDefault) -> Path | None:
