@@ -15,13 +15,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from axolotl_run import free_port
+from tiny_peft import padded_batches, tiny_base_model
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
+from axolotl_fish.adapter_tensors import trainable_parameters
+from axolotl_fish.scorers.builtin import random_scores
+from axolotl_fish.selection import select_top_k
 from axolotl_fish.sharded import flat_range, local_mask, parameters_by_name
+from axolotl_fish.sparse_delta import DELTA_FILENAME
 from axolotl_fish.sparse_training import VALUES_SUFFIX
 
 WORLD = 2
@@ -218,3 +223,71 @@ def test_value_vectors_are_sharded_and_alone_hold_optimizer_state(sharded_runs):
         assert all(run["state"] > 0 for run in ranks)
     else:
         assert sum(run["state"] for run in ranks) == sum(k.numel() for k in trained.values())
+
+
+def tied_mask(model: nn.Module) -> FishMask:
+    params = trainable_parameters(model)
+    total = sum(p.numel() for p in params.values())
+    masks = select_top_k(random_scores(params, seed=3), total // 10, seed=0).masks
+    return FishMask(masks=masks, metadata={})
+
+
+def train_tied(model: nn.Module, callback: FishMaskCallback, ranks: list[int]) -> None:
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
+    batches = padded_batches(4 * WORLD, 2)
+    for step in range(2):
+        loss = sum(model(**batches[WORLD * step + rank]).loss for rank in ranks)
+        (loss / len(ranks)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        optimizer.step()
+        callback.on_optimizer_step(None, None, None)
+        optimizer.zero_grad()
+
+
+def tied_worker(rank: int, port: int, out_dir: str) -> None:
+    """GPT-2 with its head tied to the input embedding, full-parameter value vectors."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        model = tiny_base_model("gpt2").eval()  # no dropout: ranks and one process agree
+        callback = FishMaskCallback(model, tied_mask(model))
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        state = SimpleNamespace(is_world_process_zero=rank == 0)
+        args = SimpleNamespace(output_dir=out_dir)
+        callback.on_train_begin(args, state, None, model=model)
+        train_tied(model, callback, [rank])
+        callback.on_train_end(args, state, None)
+        weights = {key: t.full_tensor() for key, t in model.state_dict().items()}
+        torch.save(weights, f"{out_dir}/tied{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tied_head_trains_under_fsdp2_as_in_one_process(tmp_path):
+    """The value vector of the tied embedding gets the gradients of both uses on every rank."""
+    mp.spawn(tied_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    model = tiny_base_model("gpt2").eval()
+    mask = tied_mask(model)
+    callback = FishMaskCallback(model, mask)
+    not_main = SimpleNamespace(is_world_process_zero=False)
+    callback.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), not_main, None)
+    train_tied(model, callback, list(range(WORLD)))
+    callback.on_train_end(SimpleNamespace(output_dir=str(tmp_path)), not_main, None)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    base, reference = tiny_base_model("gpt2").state_dict(), model.state_dict()
+    key = "transformer.wte.weight"
+    assert 0 < int(mask.masks[key].sum()) < mask.masks[key].numel()
+    for rank in range(WORLD):
+        weights = torch.load(tmp_path / f"tied{rank}.pt")
+        assert torch.equal(weights["lm_head.weight"], weights[key])
+        assert torch.equal(weights[key][~mask.masks[key]], base[key][~mask.masks[key]])
+        assert (weights[key] != base[key]).any()
+        for name, weight in reference.items():
+            torch.testing.assert_close(weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert (tmp_path / DELTA_FILENAME).is_file()  # gathered by both ranks, written by rank 0
