@@ -105,8 +105,8 @@ class FishMaskCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
+        delta = self._delta_for(state.is_world_process_zero)  # while the values are there
         self._end()
-        delta = self._delta_for(state.is_world_process_zero)
         if delta is not None and state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             delta.save(args.output_dir)
@@ -119,10 +119,10 @@ class FishMaskCallback(TrainerCallback):
 
     def _delta_for(self, write: bool) -> SparseDelta | None:
         """The sparse delta so far where it is written; under FSDP2 every rank takes part in
-        gathering it (each trained tensor whole, one at a time)."""
+        gathering it (the value vectors, and any densely trained tensor whole)."""
         if self.delta is None or not (write or self._sharded):
             return None
-        return self.delta.delta()
+        return self.delta.delta(self.sparse_training.selected_values())
 
     def _save_into(self, folder: str, state: TrainerState, only_if_present: bool = False) -> None:
         """The mask and, in full-parameter mode, the sparse delta, into a checkpoint folder.

@@ -166,11 +166,17 @@ class DeltaRecorder:
         """Follow the tensors to the ones the Trainer prepared (FSDP2 replaces them)."""
         self.tensors = {key: current[key] for key in self.tensors}
 
-    def delta(self) -> SparseDelta:
-        """Under FSDP2 a collective: every rank gathers each trained tensor in turn."""
+    def delta(self, selected: Mapping[str, torch.Tensor] | None = None) -> SparseDelta:
+        """`selected` may give a partly selected tensor's trained values already (sparse
+        training holds them), so that tensor is not read. Under FSDP2 a collective: every rank
+        gathers each tensor it reads, one at a time."""
+        selected = selected or {}
         values = {}
         for key, tensor in self.tensors.items():
-            flat = full_tensor(tensor.detach()).reshape(-1)
             index = self.indices.get(key)
+            if index is not None and key in selected:
+                values[key] = selected[key].detach().clone()
+                continue
+            flat = full_tensor(tensor.detach()).reshape(-1)
             values[key] = flat.clone() if index is None else flat[index.to(flat.device).long()]
         return SparseDelta(values=values, indices=dict(self.indices), metadata=self.metadata)

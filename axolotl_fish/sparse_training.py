@@ -187,6 +187,12 @@ class SparseTraining:
         for tensor in self.tensors:
             tensor.read_back()
 
+    @torch.no_grad()
+    def selected_values(self) -> dict[str, torch.Tensor]:
+        """`{key: the trained values of its selected entries}`, in flat-index order and the
+        weight's dtype; under FSDP2 a collective that gathers k values, not the weights."""
+        return {t.key: full_tensor(t.values).to(t.weight.dtype) for t in self.tensors}
+
     def remove(self) -> None:
         """Write the values into the weights and give the model back its plain parameters
         (weights trainable again, no value vectors, no hooks)."""
