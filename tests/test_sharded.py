@@ -23,10 +23,11 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
 from axolotl_fish.adapter_tensors import trainable_parameters
+from axolotl_fish.mask_file import MASK_FILENAME
 from axolotl_fish.scorers.builtin import random_scores
 from axolotl_fish.selection import select_top_k
 from axolotl_fish.sharded import flat_range, local_mask, parameters_by_name
-from axolotl_fish.sparse_delta import DELTA_FILENAME
+from axolotl_fish.sparse_delta import DELTA_FILENAME, SparseDelta
 from axolotl_fish.sparse_training import VALUES_SUFFIX
 
 WORLD = 2
@@ -41,9 +42,11 @@ def toy_model() -> nn.Module:
 
 
 def toy_mask(model: nn.Module) -> FishMask:
-    """Half the entries of each tensor; the last bias not at all (it stops requiring grad)."""
+    """Half the entries of each tensor; the first bias all (it trains densely), the last bias
+    none (it stops requiring grad)."""
     generator = torch.Generator().manual_seed(1)
     masks = {k: torch.rand(p.shape, generator=generator) < 0.5 for k, p in model.named_parameters()}
+    masks["0.bias"][:] = True
     masks["2.bias"][:] = False
     return FishMask(masks=masks, metadata={"k": 0})
 
@@ -112,6 +115,9 @@ def worker(rank: int, port: int, out_dir: str, sparse: bool) -> None:
         except ValueError as err:
             Path(out_dir, f"columns{rank}.txt").write_text(str(err))
         final = {key: params[key].full_tensor() for key in mask.masks}
+        Path(out_dir, f"checkpoint-{STEPS}").mkdir(exist_ok=True)  # the Trainer's checkpoint
+        saving = SimpleNamespace(is_world_process_zero=rank == 0, global_step=STEPS)
+        callback.on_save(SimpleNamespace(output_dir=out_dir), saving, None)  # every rank
         run = {"local": local, "values": values, "state": state, "norms": norms, "final": final}
         torch.save(run, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -180,6 +186,27 @@ def test_mask_written_by_rank_zero_and_scoring_a_sharded_model_is_refused(sharde
         assert "already sharded (a DTensor)" in message and "before the model is wrapped" in message
 
 
+def test_the_checkpoint_delta_holds_the_trained_entries(sharded_runs):
+    """Value vectors: gathered by both ranks, the selected entries of partly selected tensors and
+    the densely trained tensor whole. Dense masked training writes no delta."""
+    out, ranks = sharded_runs
+    folder = out / f"checkpoint-{STEPS}"
+    assert (folder / MASK_FILENAME).is_file()
+    if not ranks[0]["values"]:
+        assert not (folder / DELTA_FILENAME).exists()
+        return
+    delta = SparseDelta.load(folder)
+    final = ranks[0]["final"]
+    masks = toy_mask(toy_model()).masks
+    assert set(delta.values) == {key for key, keep in masks.items() if keep.any()}
+    for key, values in delta.values.items():
+        keep = masks[key].reshape(-1)
+        expected = final[key].reshape(-1)[keep] if key in delta.indices else final[key].reshape(-1)
+        assert torch.equal(values.reshape(-1), expected), key
+    partly = {key for key, keep in masks.items() if keep.any() and not keep.all()}
+    assert set(delta.indices) == partly
+
+
 def test_sparse_training_refuses_weights_sharded_along_another_dimension(sharded_runs):
     out, _ = sharded_runs
     for rank in range(WORLD):
@@ -216,6 +243,8 @@ def test_value_vectors_are_sharded_and_alone_hold_optimizer_state(sharded_runs):
     trained = {key: keep for key, keep in masks.items() if keep.any()}
     if ranks[0]["values"]:
         for key, keep in trained.items():
+            if keep.all():
+                continue  # trains densely, as a sharded weight
             name = key + VALUES_SUFFIX
             assert {run["values"][name][0] for run in ranks} == {"DTensor"}, key
             assert sum(run["values"][name][1][0] for run in ranks) == int(keep.sum()), key
