@@ -110,7 +110,8 @@ class _SparseTensor:
     def swap_in(self, owner: nn.Module) -> None:
         weight = owner._parameters[self.name]
         self._in_use[id(owner)] = weight
-        owner._parameters[self.name] = _SelectedGradient.apply(weight, self.values, self.indices)
+        indices = self._indices_on(weight.device)
+        owner._parameters[self.name] = _SelectedGradient.apply(weight, self.values, indices)
 
     def swap_out(self, owner: nn.Module) -> None:
         owner._parameters[self.name] = self._in_use.pop(id(owner))
@@ -120,8 +121,8 @@ class _SparseTensor:
         """Put the trained values into the weight (the selected entries only). Under FSDP2 every
         rank gathers the values and writes those that fall into its slice of the weight."""
         weight, values = self.weight, full_tensor(self.values)
-        start, indices = self._local_indices()
         flat = local_part(weight).view(-1)
+        start, indices = self._local_indices(flat.device)
         values = values[start : start + indices.numel()].to(weight.dtype)
         for first in range(0, indices.numel(), WRITE_CHUNK):
             chunk = slice(first, first + WRITE_CHUNK)
@@ -130,12 +131,21 @@ class _SparseTensor:
     @torch.no_grad()
     def read_back(self) -> None:
         """Take the values from the weight (after a checkpoint was loaded into it)."""
-        selected = full_tensor(self.weight).reshape(-1).index_select(0, self.indices)
+        flat = full_tensor(self.weight).reshape(-1)
+        selected = flat.index_select(0, self._indices_on(flat.device))
         local_part(self.values).copy_(local_slice(selected, self.values))
 
-    def _local_indices(self) -> tuple[int, torch.Tensor]:
+    def _indices_on(self, device: torch.device) -> torch.Tensor:
+        """The indices, moved to `device` once the weight lives there (Axolotl loads an FSDP
+        model on CPU; FSDP2 moves it to the GPU when it shards it)."""
+        if self.indices.device != device:
+            self.indices, self._local = self.indices.to(device), None
+        return self.indices
+
+    def _local_indices(self, device: torch.device) -> tuple[int, torch.Tensor]:
         """Where this rank's slice of the weight begins in `indices`, and the flat positions of
-        the selected entries in that slice (all of them on one device)."""
+        the selected entries in that slice (all of them on one device), on `device`."""
+        self._indices_on(device)
         if self._local is None:
             begin, end = flat_range(self.weight)
             if (begin, end) == (0, self.weight.numel()):

@@ -215,3 +215,17 @@ def test_write_back_in_chunks_writes_every_selected_entry_and_nothing_else(monke
         keep = masks[tensor.key]
         assert torch.equal(tensor.weight.detach()[keep], tensor.values.detach()), tensor.key
         assert torch.equal(tensor.weight.detach()[~keep], initial[tensor.key][~keep]), tensor.key
+
+
+def test_indices_follow_the_weights_to_another_device():
+    """Axolotl loads an FSDP model on CPU and FSDP2 moves it to the GPU after the value vectors
+    exist; their indices follow (the meta device stands in for the GPU)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    params = dict(model.named_parameters())
+    masks = select_top_k(random_scores(params, seed=0), 10, seed=0).masks
+    sparse = SparseTraining(model, params, masks)
+    model.to("meta")
+    model(torch.randn(2, 4, device="meta")).sum().backward()
+    sparse.after_step()
+    sparse.read_back()
+    assert sparse.tensors and all(t.indices.device.type == "meta" for t in sparse.tensors)

@@ -18,6 +18,7 @@ from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
+from axolotl_fish.integration.scoring_device import on_training_device
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.mask_source import load_mask
 from axolotl_fish.model_card import add_card_section_on_create
@@ -227,10 +228,11 @@ def _computed_mask(trainer: Trainer, config: FishMaskConfig) -> FishMask:
         f"fish_mask: scoring entries with strategy={config.strategy} over "
         f"{config.num_samples} training examples"
     )
-    return compute_fish_mask(
-        trainer.model,
-        trainer.get_train_dataloader(),
-        config,
-        learning_rate=trainer.args.learning_rate,
-        progress=trainer.is_world_process_zero(),
-    )
+    with on_training_device(trainer.model, trainer.args.device):
+        return compute_fish_mask(
+            trainer.model,
+            trainer.get_train_dataloader(),
+            config,
+            learning_rate=trainer.args.learning_rate,
+            progress=trainer.is_world_process_zero(),
+        )
