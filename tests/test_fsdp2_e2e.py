@@ -119,7 +119,8 @@ def held_digests(log: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
     """Two steps under FSDP2; then a resume from checkpoint-2 to step 4 with another keep_ratio
-    in the config (the checkpoint's mask must win); and the same mask computed by one process."""
+    in the config (the checkpoint's mask must win); and the same mask computed by one process
+    (`fish-mask compute` on the same FSDP2 config)."""
     tmp = tmp_path_factory.mktemp("fsdp2_lora")
     config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **LORA, **FSDP2, max_steps=2)
     first = train_fsdp2(config)
@@ -138,7 +139,7 @@ def lora_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
     )
     resumed = train_fsdp2(config)
     single_dir = tmp_path_factory.mktemp("single")
-    single = write_config(single_dir, tiny_llama_dir, alpaca_jsonl, **LORA)
+    single = write_config(single_dir, tiny_llama_dir, alpaca_jsonl, **LORA, **FSDP2)
     run_axolotl(
         ["fish-mask", "compute", str(single), "--output", str(single_dir / MASK_FILENAME)],
         single_dir,

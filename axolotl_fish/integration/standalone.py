@@ -5,7 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.logging import get_logger
+
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+
+LOG = get_logger(__name__)
+_FSDP_KEYS = ("fsdp", "fsdp_config", "fsdp_version")
+
+
+def _in_one_process(config: Path) -> DictDefault:
+    """The config without its FSDP keys: `compute` runs one process, where the Trainer refuses
+    FSDP ("only works in distributed training"), and scoring happens before any sharding."""
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    dropped = [key for key in _FSDP_KEYS if raw.pop(key, None) is not None]
+    if dropped:
+        LOG.info(f"fish_mask: scoring in one process, without {', '.join(dropped)} of {config}")
+    return DictDefault(raw)
 
 
 def compute_mask_for_config(config: Path) -> tuple[FishMask, Path]:
@@ -19,7 +36,7 @@ def compute_mask_for_config(config: Path) -> tuple[FishMask, Path]:
 
     from axolotl_fish.integration import FishMaskPlugin
 
-    cfg = load_cfg(str(config))
+    cfg = load_cfg(_in_one_process(config))
     manager = PluginManager.get_instance()
     plugin = next((p for p in manager.plugins.values() if isinstance(p, FishMaskPlugin)), None)
     if plugin is None or not cfg.fish_mask:
