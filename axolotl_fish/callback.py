@@ -49,7 +49,7 @@ class FishMaskCallback(TrainerCallback):
         params = governed_by(mask, model)  # tensors outside its include/exclude train densely
         mask.check_matches(params)
         self.digest = check_identical_across_ranks(mask.masks)
-        self.mask = mask
+        self.mask: FishMask | None = mask
         self.delta: DeltaRecorder | None = None
         self._sharded = False  # set when training starts: FSDP2 prepared the model
         self._begin: Callable[[nn.Module | None], None]
@@ -80,9 +80,13 @@ class FishMaskCallback(TrainerCallback):
         self._begin(model)
         # Written before the first step, so a run killed before its checkpoint's mask is written
         # (the Trainer calls on_save only after the checkpoint is complete) can resume with it.
-        if state.is_world_process_zero:
+        if self.mask is not None and state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             self.mask.save(args.output_dir)
+        elif not state.is_world_process_zero:
+            # Only world process zero writes mask files; a full-parameter mask is 1 byte per
+            # weight of host memory that the other ranks need not keep.
+            self.mask = None
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -129,7 +133,7 @@ class FishMaskCallback(TrainerCallback):
         Called on every rank: gathering an FSDP2 delta takes all of them."""
         write = state.is_world_process_zero and (os.path.isdir(folder) or not only_if_present)
         delta = self._delta_for(write)
-        if write:
+        if write and self.mask is not None:
             self.mask.save(folder)
             if delta is not None:
                 delta.save(folder)

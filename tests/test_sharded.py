@@ -91,6 +91,7 @@ def worker(rank: int, port: int, out_dir: str, sparse: bool) -> None:
         fully_shard(model, mesh=mesh)
         state = SimpleNamespace(is_world_process_zero=rank == 0)
         callback.on_train_begin(SimpleNamespace(output_dir=out_dir), state, None, model=model)
+        holds_mask = callback.mask is not None
         params = dict(model.named_parameters())
         local = {
             key: {
@@ -119,6 +120,7 @@ def worker(rank: int, port: int, out_dir: str, sparse: bool) -> None:
         saving = SimpleNamespace(is_world_process_zero=rank == 0, global_step=STEPS)
         callback.on_save(SimpleNamespace(output_dir=out_dir), saving, None)  # every rank
         run = {"local": local, "values": values, "state": state, "norms": norms, "final": final}
+        run["holds_mask"] = holds_mask
         torch.save(run, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -177,7 +179,10 @@ def test_clip_norm_counts_only_trainable_entries(sharded_runs, one_process):
 
 
 def test_mask_written_by_rank_zero_and_scoring_a_sharded_model_is_refused(sharded_runs):
-    out, _ = sharded_runs
+    """Rank 0 writes the mask (also into the checkpoint, after training); the other rank lets
+    go of it once training starts."""
+    out, ranks = sharded_runs
+    assert [run["holds_mask"] for run in ranks] == [True, False]
     mask = toy_mask(toy_model())
     saved = FishMask.load(out)
     assert all(torch.equal(saved.masks[key], keep) for key, keep in mask.masks.items())

@@ -113,8 +113,10 @@ class FishMaskPlugin(BasePlugin):
                 main_process_only=False,
             )
         trainer.add_callback(callback)
-        add_card_section_on_create(trainer, mask)  # the README.md Axolotl has the Trainer write
+        # Only world process zero writes the model card and reports the mask at the end.
         self._mask = mask if trainer.is_world_process_zero() else None
+        if self._mask is not None:
+            add_card_section_on_create(trainer, mask)  # the README.md Axolotl has the Trainer write
 
     def post_train_unload(self, cfg: DictDefault) -> None:
         # The CLI's last hook, after the final adapter save: the report ends the run's log. The
