@@ -15,7 +15,10 @@ of them labelled, as in an instruction example). Needs the core only (no Axolotl
   forward+backward;
 - full: full-parameter mode at each `--keep`: the exact top-k selection over random scores of
   every weight (every tensor partly selected, as in full_mode.py) and a step of full_mode.py's
-  variants (frozen, dense, masked, sparse; sparse alone at the further keeps).
+  variants (frozen, dense, masked, sparse; sparse alone at the further keeps);
+- fsdp2: a full-parameter sparse step at the first `--keep` under FSDP2 on a 1-rank mesh (model
+  and value vectors made on the CPU, then sharded onto the device, as in a plugin run), with
+  masked entries checked unchanged, against the same step without FSDP2.
 Variants run one after another, each on its own fresh model that is freed before the next, so
 each peak (the CUDA allocator's, reset after a warm-up run; on a CPU the process's peak RSS,
 which is only an upper bound) holds that variant alone. Times are medians of `--repeats` passes
@@ -276,11 +279,54 @@ def select_masks(
     return masks[0]
 
 
+def fsdp2(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    """Full-parameter value vectors under FSDP2 in this one process (a 1-rank mesh): the model
+    is built on the CPU, as Axolotl loads an FSDP model, its value vectors are made there, and
+    `fully_shard` moves all of it to the device, as the plugin's run does; against the same
+    sparse training without FSDP2. Every masked entry is checked unchanged afterwards."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1)
+    keep = args.keep[0]
+    batch = random_batches(args, SHAPES[shape][1]["vocab_size"], args.micro_batch)[0]
+    model = random_model(shape, "cpu")
+    params = model_parameters(model)
+    generator = torch.Generator().manual_seed(0)
+    masks = {key: torch.rand(p.shape, generator=generator) < keep for key, p in params.items()}
+    plain = full_mode.Variant("sparse", random_model(shape, args.device), masks)
+    measure_steps(record, "fsdp2_step", f"sparse keep {keep}", plain, batch)
+    del plain
+    free()
+    frozen = {key: p.detach()[~masks[key]].clone() for key, p in list(params.items())[:4]}
+    variant = full_mode.Variant("sparse", model, masks)  # value vectors before sharding
+    mesh = init_device_mesh(args.device.split(":")[0], (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    variant.trainable = [p for p in model.parameters() if p.requires_grad]  # the sharded ones
+    variant.optimizer = torch.optim.AdamW(variant.trainable, lr=1e-5, weight_decay=0.01)
+    measure_steps(record, "fsdp2_step", f"sparse keep {keep}, FSDP2 1 rank", variant, batch)
+    state = dict(model.named_parameters())
+    for key, before in frozen.items():
+        after = state[key].full_tensor().cpu()[~masks[key]]
+        if not torch.equal(after, before):
+            raise AssertionError(f"{key}: a masked entry moved under FSDP2")
+
+
 SECTIONS = {
     "fisher_lora": fisher_lora,
     "lora_step": lora_step,
     "full_fisher": full_fisher,
     "full": full,
+    "fsdp2": fsdp2,
 }
 TABLES = [
     ("fisher_lora", "s per pass", "limit"),
@@ -288,6 +334,7 @@ TABLES = [
     ("full_fisher", "s per pass", "forward_backward"),
     ("full_select", "s", None),
     ("full_step", "s per step", "frozen"),
+    ("fsdp2_step", "s per step", None),
 ]
 
 
