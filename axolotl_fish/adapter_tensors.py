@@ -14,11 +14,20 @@ import torch
 from torch import nn
 
 from axolotl_fish.bottleneck import DOWN, MODULE_NAME, UP
+from axolotl_fish.sharded import is_sharded
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every trainable tensor, keyed by its name in the saved adapter (PEFT model) or in the
-    saved model (any other model: full-parameter mode)."""
+    saved model (any other model: full-parameter mode). Names are matched by storage, which
+    FSDP2's sharded tensors no longer share with the saved ones: refused for a sharded model."""
+    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"fish_mask: parameter {sharded!r} is already sharded (a DTensor), so the tensors "
+            f"cannot be matched to their saved names; take the names before the model is wrapped "
+            f"(`sharded.names_of`) and look the tensors up after (`sharded.parameters_by_name`)."
+        )
     if is_adapter_model(model):
         return adapter_parameters(model)
     return model_parameters(model)

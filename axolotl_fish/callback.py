@@ -21,7 +21,7 @@ from axolotl_fish.candidates import governed_by
 from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.masking import GradientMask
-from axolotl_fish.sharded import is_sharded, parameters_by_name
+from axolotl_fish.sharded import is_sharded, names_of, parameters_by_name
 from axolotl_fish.sparse_delta import DeltaRecorder, SparseDelta
 from axolotl_fish.sparse_training import SparseTraining
 
@@ -46,7 +46,16 @@ class FishMaskCallback(TrainerCallback):
     """
 
     def __init__(self, model: nn.Module, mask: FishMask, *, sparse: bool = True) -> None:
-        params = governed_by(mask, model)  # tensors outside its include/exclude train densely
+        self._setup(model, mask, trainable_parameters(model), sparse)
+
+    def _setup(
+        self,
+        model: nn.Module,
+        mask: FishMask,
+        trainable: Mapping[str, nn.Parameter],
+        sparse: bool,
+    ) -> None:
+        params = governed_by(mask, trainable)  # tensors outside its include/exclude train densely
         mask.check_matches(params)
         self.digest = check_identical_across_ranks(mask.masks)
         self.mask: FishMask | None = mask
@@ -54,17 +63,16 @@ class FishMaskCallback(TrainerCallback):
         self._sharded = False  # set when training starts: FSDP2 prepared the model
         self._begin: Callable[[nn.Module | None], None]
         if sparse and trains_own_weights(model):
-            changed = trainable_parameters(model)
             self.delta = DeltaRecorder(
-                model, changed, mask.masks, record_base=rank_and_world()[0] == 0
+                model, trainable, mask.masks, record_base=rank_and_world()[0] == 0
             )
-            self._changed_names = _names(model, changed)
+            self._changed_names = names_of(model, trainable)
             self.sparse_training = SparseTraining(model, params, mask.masks)
             self._begin = self._begin_sparse
             self._step, self._end = self.sparse_training.after_step, self.sparse_training.remove
         else:
             gradient_mask = GradientMask(params, mask.masks)
-            self._begin = _rebinding(gradient_mask, _names(model, params))
+            self._begin = _rebinding(gradient_mask, names_of(model, params))
             self._step, self._end = gradient_mask.restore, gradient_mask.remove
 
     def on_train_begin(
@@ -142,12 +150,6 @@ class FishMaskCallback(TrainerCallback):
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
     """The `checkpoint-N` folder the Trainer saves at the current step."""
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-
-
-def _names(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, str]:
-    """`{key: the name the model gives params[key]}`, to find the parameters again by name."""
-    names = {id(param): name for name, param in model.named_parameters()}
-    return {key: names[id(param)] for key, param in params.items()}
 
 
 def _rebinding(

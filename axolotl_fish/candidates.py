@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from axolotl_fish.adapter_tensors import trainable_parameters
 from axolotl_fish.mask_file import FishMask
 
 
@@ -45,8 +44,8 @@ def select_candidates(
     return candidates
 
 
-def governed_by(mask: FishMask, model: nn.Module) -> dict[str, nn.Parameter]:
-    """The tensors a saved mask governs on `model`: its own recorded include/exclude (not the
-    config's) over the model's trainable tensors."""
+def governed_by(mask: FishMask, trainable: Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The tensors a saved mask governs among a model's `trainable` ones: its own recorded
+    include/exclude (not the config's)."""
     meta = mask.metadata
-    return select_candidates(trainable_parameters(model), meta.get("include"), meta.get("exclude"))
+    return select_candidates(trainable, meta.get("include"), meta.get("exclude"))

@@ -19,7 +19,7 @@ from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.scorers import ScoringContext, check_strategy, score
 from axolotl_fish.selection import select_in_groups
-from axolotl_fish.sharded import check_not_sharded
+from axolotl_fish.sharded import is_sharded
 from axolotl_fish.warmup import dense_warmup, restore
 from axolotl_fish.zero_updates import record_modules_fixed_at_zero
 
@@ -47,6 +47,7 @@ def compute_fish_mask(
     *,
     learning_rate: float = 1e-4,
     progress: bool = True,
+    trainable: Mapping[str, nn.Parameter] | None = None,
 ) -> FishMask:
     """Rank every candidate entry with the scorer `config.strategy`; keep exactly k.
 
@@ -54,11 +55,19 @@ def compute_fish_mask(
     parameters: full-parameter mode) that `config.include` / `config.exclude` pick.
     `batches` are training micro-batches (read by scorers such as `fisher` and `reverse`, and by
     the dense warm-up at `learning_rate`); the model must be as it will start training.
+    `trainable` (keyed like the saved adapter or model) is for a model FSDP2 has sharded, whose
+    tensors can no longer be matched to their saved names: look them up by the names they had
+    before (`sharded.parameters_by_name`).
     """
     check_strategy(config.strategy)  # before the warm-up or any pass over the data
-    trainable = trainable_parameters(model)
+    if trainable is None:
+        trainable = trainable_parameters(model)
     params = select_candidates(trainable, config.include, config.exclude)
-    check_not_sharded(params)
+    if config.warmup_steps and any(is_sharded(p) for p in params.values()):
+        raise ValueError(
+            "fish_mask.warmup_steps: the dense warm-up trains the adapter before it is sharded; "
+            "with FSDP2 score before sharding (fish_mask.score_after_sharding: false)."
+        )
     dense = count_entries(trainable) - count_entries(params)
     if dense:
         LOG.warning(

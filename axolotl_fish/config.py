@@ -71,6 +71,13 @@ class FishMaskConfig(BaseModel):
         description="After the pass, put the adapter back to its initial values, so only the k "
         "selected entries ever differ from initialisation.",
     )
+    score_after_sharding: bool | None = Field(
+        default=None,
+        description="Under FSDP2 with an adapter: compute the mask when training starts, on the "
+        "sharded model, so that no device must hold the whole model. Unset: whenever the run "
+        "allows it (built-in strategy, no warm-up, every candidate in a linear or embedding "
+        "layer); false: score before sharding, with the whole model on one device.",
+    )
     seed: int = Field(
         default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."
     )

@@ -27,6 +27,15 @@ def share_of(total: int) -> int:
     return total // world + (1 if rank < total % world else 0)
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on some rank (every rank must call it: a collective)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def sum_over_ranks(scores: Mapping[str, torch.Tensor], count: int) -> int:
     """Sum score tensors in place, and example counts, over all ranks; return the total count.
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from axolotl_fish.distributed import rank_and_world, share_of, sum_over_ranks
+from axolotl_fish.distributed import any_rank, rank_and_world, share_of, sum_over_ranks
 from axolotl_fish.fisher_taps import RuleTaps
 from axolotl_fish.rng import preserved_rng_state
+from axolotl_fish.sharded import is_sharded
 
 LOG = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -114,39 +115,51 @@ def fisher_scores(
     model (sampled Fisher). `batched=False` sends every tensor down the one-example-at-a-time
     path: the reference the batched path is tested against.
     Under torch.distributed each rank reads its share of `num_samples` from its own batches and
-    the scores are summed over ranks, so every rank ends with the same scores.
+    the scores are summed over ranks, so every rank ends with the same scores. Parameters FSDP2
+    has sharded are scored by the batched rules that read no parameter values (any other tensor
+    is refused), every rank running as many forwards and backwards as the busiest one.
     """
     start = time.perf_counter()
     taps = RuleTaps(model, params if batched else {})
     rowwise = {key: p for key, p in params.items() if key not in taps.covered}
-    scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
+    # Under FSDP2 every forward and backward gathers parameters from all ranks: the ranks run
+    # the same number of them, in lockstep.
+    lockstep = any(is_sharded(p) for p in params.values())
+    _check_whole(rowwise, lockstep)
+    scores = {
+        key: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for key, p in params.items()
+    }
     device = next(iter(params.values())).device
     wanted = share_of(num_samples)
     seen = 0
     bad_batch: tuple[int, int] | None = None
+    filler: dict[str, torch.Tensor] | None = None
     was_training = model.training
     model.eval()
     bar = tqdm(total=wanted, unit="example", desc="Fisher pass", disable=not progress)
     try:
         with preserved_rng_state():
-            for raw_batch in batches:
-                batch = {k: v.to(device) for k, v in raw_batch.items()}
-                batch = _first_rows_with_labels(batch, wanted - seen)
-                rows = batch["input_ids"].shape[0]
-                if rows == 0:
+            stream = _labelled(batches, device, wanted)
+            while True:
+                batch = next(stream, None) if bad_batch is None else None
+                more = batch is not None
+                if not (any_rank(more, device) if lockstep else more):
+                    break
+                if batch is None:  # another rank still reads: the same collectives, no scores
+                    _follow(taps, model, filler, scores)
                     continue
+                rows = batch["input_ids"].shape[0]
                 if taps.rules:
                     forward = partial(_example_losses, model, batch, seen, sampled_labels_seed)
                     rowwise |= taps.accumulate(forward, scores)
+                    _check_whole(rowwise, lockstep)
                 if rowwise:
                     _accumulate_rowwise(model, batch, seen, sampled_labels_seed, rowwise, scores)
                 seen += rows
+                filler = batch
                 bar.update(rows)
                 if not _all_finite(scores):
                     bad_batch = (seen - rows, seen - 1)  # every rank learns of it after the sum
-                    break
-                if seen >= wanted:
-                    break
     finally:
         bar.close()
         taps.remove()
@@ -160,6 +173,54 @@ def fisher_scores(
     for score in scores.values():
         score.div_(seen)
     return FisherScores(scores=scores, num_examples=seen, seconds=time.perf_counter() - start)
+
+
+def _labelled(
+    batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device, wanted: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches on `device`, cut to their rows with label tokens, until `wanted` rows
+    were handed out (no batch is read past them)."""
+    seen = 0
+    for raw_batch in batches:
+        batch = {k: v.to(device) for k, v in raw_batch.items()}
+        batch = _first_rows_with_labels(batch, wanted - seen)
+        rows = batch["input_ids"].shape[0]
+        if rows:
+            seen += rows
+            yield batch
+        if seen >= wanted:
+            return
+
+
+def _follow(
+    taps: RuleTaps,
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor] | None,
+    scores: Mapping[str, torch.Tensor],
+) -> None:
+    """A rank that has read its share while others still read: run the same forward and
+    backward (FSDP2's gathers) on a batch it already scored, adding to a scratch copy."""
+    if batch is None:
+        rank, _ = rank_and_world()
+        raise ValueError(
+            f"Fisher pass: rank {rank} has no training example with label tokens while other "
+            f"ranks do; every rank needs at least one."
+        )
+    scratch = {key: torch.zeros_like(score) for key, score in scores.items()}
+    _check_whole(taps.accumulate(partial(_example_losses, model, batch, 0, None), scratch), True)
+
+
+def _check_whole(rowwise: Mapping[str, nn.Parameter], sharded: bool) -> None:
+    """The generic path differentiates the parameters themselves: FSDP2's sharded ones get no
+    per-example gradient."""
+    if sharded and rowwise:
+        key = next(iter(rowwise))
+        raise ValueError(
+            f"Fisher pass: tensor {key!r} ({len(rowwise)} in all) is scored one example at a "
+            f"time, which needs it whole on one device, and FSDP2 has sharded it. Score before "
+            f"sharding (fish_mask.score_after_sharding: false) or leave it out "
+            f"(fish_mask.exclude)."
+        )
 
 
 def _all_finite(scores: Mapping[str, torch.Tensor]) -> bool:

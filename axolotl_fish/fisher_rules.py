@@ -16,6 +16,10 @@ Rules live in `RULES`, tried in order for every module; `register_rule` adds one
 adapter type). A rule whose recorded calls turn out not to be per-example (a first dimension
 other than the batch's rows, e.g. GPT-2's position embedding, looked up once for all rows) is
 dropped after the first micro-batch and its tensors go to the generic path.
+
+Parameters FSDP2 has sharded (each rank holds a slice) can be scored by the rules that read only
+shapes and dtypes of the parameters, never their values (`FisherRule.reads_values`): the
+recorded inputs and output gradients are whole on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from axolotl_fish.sharded import is_sharded
 
 # Largest per-example gradient block (elements) materialised at once.
 BLOCK_ELEMENTS = 1 << 25
@@ -92,6 +98,9 @@ class FisherRule(ABC):
     input_ndim = 3
     # Whether `add` reads the calls' outputs; if no rule of a module does, they are not kept.
     needs_output = False
+    # Whether `add` reads parameter values (not only shapes and dtypes): such a rule cannot score
+    # parameters FSDP2 has sharded, since each rank holds only a slice of them.
+    reads_values = False
 
     @classmethod
     @abstractmethod
@@ -124,13 +133,16 @@ def register_rule(rule: type[FisherRule]) -> type[FisherRule]:
 
 
 def claim_rules(model: nn.Module, params: Mapping[str, nn.Parameter]) -> list[FisherRule]:
-    """Every rule that claims candidate tensors of `model`; each tensor is claimed at most once."""
+    """Every rule that claims candidate tensors of `model`; each tensor is claimed at most once,
+    and a sharded one only by a rule that does not read parameter values."""
     candidates = Candidates.of(model, params)
     rules = []
     for module in model.modules():
         for rule_class in RULES:
             rule = rule_class.claim(module, candidates)
-            if rule is not None:
+            if rule is not None and not (
+                rule.reads_values and any(is_sharded(params[key]) for key in rule.keys)
+            ):
                 candidates.claimed.update(rule.keys)
                 rules.append(rule)
     return rules
@@ -377,6 +389,7 @@ class NormRule(FisherRule):
     sum_t g_t * f_t. The reconstruction is checked against the recorded output."""
 
     needs_output = True
+    reads_values = True
 
     def __init__(self, module: nn.Module, weight: str | None, bias: str | None) -> None:
         self.modules = (module,)
@@ -433,6 +446,7 @@ class LoraEmbeddingRule(FisherRule):
     dB = c * sum_t g_t a_t^T (a_t = A[:, id_t]) and dA[:, v] = c * sum_{t: id_t = v} B^T g_t."""
 
     input_ndim = 2
+    reads_values = True
 
     def __init__(self, layer: nn.Module, adapter: str, a_key: str, b_key: str) -> None:
         self.modules = (layer,)

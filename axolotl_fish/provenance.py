@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from axolotl_fish.adapter_tensors import trainable_parameters
 from axolotl_fish.candidates import governed_by
 from axolotl_fish.compute import peft_settings
 from axolotl_fish.mask_file import FishMask
@@ -38,7 +39,7 @@ def check_mask_fits(mask: FishMask, model: nn.Module, source: str) -> None:
         f"{name}: mask {saved!r}, this run {value!r}"
         for name, (saved, value) in adapter_differences(mask, model).items()
     )
-    params = governed_by(mask, model)
+    params = governed_by(mask, trainable_parameters(model))
     try:
         mask.check_matches(params)
     except ValueError as err:

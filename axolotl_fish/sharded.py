@@ -78,6 +78,13 @@ def unwrapped_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
 
 
+def names_of(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, str]:
+    """`{key: the name the model gives params[key]}`, to find the parameters again by name
+    (`parameters_by_name`) once a wrapper has replaced them."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return {key: names[id(param)] for key, param in params.items()}
+
+
 def parameters_by_name(model: nn.Module, names: Mapping[str, str]) -> dict[str, nn.Parameter]:
     """`{key: model's parameter now named names[key]}`, looked up after wrapping: `fully_shard`
     swaps parameter objects for sharded ones under the same names."""
@@ -89,13 +96,3 @@ def parameters_by_name(model: nn.Module, names: Mapping[str, str]) -> dict[str, 
             f"({len(missing)} in all) is gone; the mask cannot follow it."
         )
     return {key: current[unwrapped_name(name)] for key, name in names.items()}
-
-
-def check_not_sharded(params: Mapping[str, torch.Tensor]) -> None:
-    """Scoring must see whole tensors: gradients of sharded parameters come back as None."""
-    sharded = [key for key, param in params.items() if is_sharded(param)]
-    if sharded:
-        raise ValueError(
-            f"fish_mask: tensor {sharded[0]!r} is already sharded (a DTensor); compute the mask "
-            f"before the model is wrapped by FSDP2, while every rank holds it whole."
-        )

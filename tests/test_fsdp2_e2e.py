@@ -118,9 +118,10 @@ def held_digests(log: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
-    """Two steps under FSDP2; then a resume from checkpoint-2 to step 4 with another keep_ratio
-    in the config (the checkpoint's mask must win); and the same mask computed by one process
-    (`fish-mask compute` on the same FSDP2 config)."""
+    """Two steps under FSDP2, the mask scored on the sharded model; then a resume from
+    checkpoint-2 to step 4 with another keep_ratio in the config (the checkpoint's mask must
+    win); and the same mask computed by one process, on the whole model (`fish-mask compute` on
+    the same FSDP2 config)."""
     tmp = tmp_path_factory.mktemp("fsdp2_lora")
     config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **LORA, **FSDP2, max_steps=2)
     first = train_fsdp2(config)
@@ -162,6 +163,8 @@ def test_every_rank_holds_one_mask_and_the_scores_are_one_process_s(lora_runs):
     assert held_digests(first) == held_digests(resumed) == {"0": digest, "1": digest}
     assert mask.metadata["world_size"] == 2 and mask.metadata["num_examples"] == 16
     assert "Fisher pass: 100%|██████████| 8/8" in first  # rank 0's share
+    # Scored on the sharded model, once training started (the resume reads the saved mask).
+    assert "computed when training starts, on the model FSDP2 has sharded" in first
     assert mask.k == round(0.3 * mask.total) == mask.metadata["k"]
     for key, keep in single.masks.items():
         assert torch.equal(mask.masks[key], keep), key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -14,7 +16,7 @@ from axolotl_fish.adapter_tensors import trains_own_weights
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.distributed import rank_and_world
+from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
 from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
@@ -23,6 +25,7 @@ from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.mask_source import load_mask
 from axolotl_fish.model_card import add_card_section_on_create
 from axolotl_fish.provenance import check_mask_fits
+from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
 from axolotl_fish.sparse_delta import DELTA_FILENAME
 from axolotl_fish.summary import summarize
 
@@ -91,29 +94,42 @@ class FishMaskPlugin(BasePlugin):
         check_every_process_is_a_rank(trainer)
         config = FishMaskConfig(**cfg.fish_mask)
         source = _resume_mask_path(cfg) or _mask_path(config)
+        if source is None and _scores_after_sharding(cfg, trainer.model, config):
+
+            def score(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> FishMask:
+                mask = _computed_mask(trainer, config, model, trainable)
+                self._adopt(trainer, mask, check_identical_across_ranks(mask.masks))
+                return mask
+
+            trainer.add_callback(ScoredWhenTrainingStarts(trainer.model, score))
+            return
         if source is None:
-            mask = _computed_mask(trainer, config)
+            mask = _computed_mask(trainer, config, trainer.model)
         else:
             mask = _load_mask(source, config)
             check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
-        LOG.info(summarize(mask))
-        if (cfg.fsdp or cfg.fsdp_config) and trains_own_weights(trainer.model):
+        if _under_fsdp2(cfg) and trains_own_weights(trainer.model):
             LOG.info(
                 "fish_mask: full-parameter mode under FSDP2: the value vectors of the selected "
                 "entries are sharded like the weights (AdamW state for k entries across all "
                 "ranks); every save gathers the sparse delta"
             )
         callback = FishMaskCallback(trainer.model, mask)
+        self._adopt(trainer, mask, callback.digest)
+        trainer.add_callback(callback)
+
+    def _adopt(self, trainer: Trainer, mask: FishMask, digest: str) -> None:
+        """Report the run's mask; world process zero keeps it for the model card it writes and
+        for the report that ends the run."""
+        LOG.info(summarize(mask))
         rank, world = rank_and_world()
         if world > 1:
             LOG.info(
-                f"fish_mask: rank {rank} of {world} holds mask sha256:{callback.digest}, "
-                f"the same as every other rank",
+                f"fish_mask: rank {rank} of {world} holds mask sha256:{digest}, the same as "
+                f"every other rank",
                 main_process_only=False,
             )
-        trainer.add_callback(callback)
-        # Only world process zero writes the model card and reports the mask at the end.
         self._mask = mask if trainer.is_world_process_zero() else None
         if self._mask is not None:
             add_card_section_on_create(trainer, mask)  # the README.md Axolotl has the Trainer write
@@ -225,16 +241,53 @@ def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
         )
 
 
-def _computed_mask(trainer: Trainer, config: FishMaskConfig) -> FishMask:
+def _under_fsdp2(cfg: DictDefault) -> bool:
+    return bool(cfg.fsdp or cfg.fsdp_config)  # the schema admits FSDP only as FSDP2
+
+
+def _scores_after_sharding(cfg: DictDefault, model: nn.Module, config: FishMaskConfig) -> bool:
+    """Whether the mask is computed when training starts, on the model FSDP2 has sharded
+    (`fish_mask.score_after_sharding`; unset: whenever the run allows it); logs the decision."""
+    wanted = config.score_after_sharding
+    if not _under_fsdp2(cfg):
+        if wanted:
+            LOG.warning("fish_mask.score_after_sharding has no effect without FSDP2")
+        return False
+    reason = (
+        "fish_mask.score_after_sharding is false"
+        if wanted is False
+        else why_not_after_sharding(model, config)
+    )
+    if reason is None:
+        LOG.info(
+            "fish_mask: the mask is computed when training starts, on the model FSDP2 has "
+            "sharded (no device holds the whole model)"
+        )
+        return True
+    if wanted:
+        raise ValueError(f"fish_mask.score_after_sharding: true, but {reason}")
+    LOG.info(f"fish_mask: scoring before FSDP2 shards the model, on one device: {reason}")
+    return False
+
+
+def _computed_mask(
+    trainer: Trainer,
+    config: FishMaskConfig,
+    model: nn.Module,
+    trainable: Mapping[str, nn.Parameter] | None = None,
+) -> FishMask:
+    """The mask of `model`: whole on one device, or (with `trainable`) sharded by FSDP2."""
     LOG.info(
         f"fish_mask: scoring entries with strategy={config.strategy} over "
         f"{config.num_samples} training examples"
     )
-    with on_training_device(trainer.model, trainer.args.device):
+    place = on_training_device(model, trainer.args.device) if trainable is None else nullcontext()
+    with place:
         return compute_fish_mask(
-            trainer.model,
+            model,
             trainer.get_train_dataloader(),
             config,
             learning_rate=trainer.args.learning_rate,
             progress=trainer.is_world_process_zero(),
+            trainable=trainable,
         )

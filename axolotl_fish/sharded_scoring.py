@@ -1,0 +1,93 @@
+"""Scoring a model after FSDP2 has sharded it: whether a mask can be made that way, and the
+callback that makes it when training starts.
+
+Before sharding, the Fisher pass needs the whole model on one device. After it, each rank gathers
+one layer at a time, as training does, and the batched Fisher rules record layer inputs and
+output gradients, which every rank holds whole: no device ever holds the whole model. That serves
+every candidate a rule claims without reading parameter values (`FisherRule.reads_values`), the
+built-in scorers, which read nothing else, and adapters only: full-parameter mode registers the
+value vectors of its selected entries before the model is wrapped.
+
+The Trainer shards the model inside `train()`, after it built the optimizer over every trainable
+tensor. So the mask is made in `on_train_begin`; tensors with no selected entry then stop
+requiring gradients (FSDP2 follows that at its next gather): they get no gradient, and AdamW, which
+skips tensors without one, keeps no state for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from torch import nn
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from axolotl_fish.adapter_tensors import trainable_parameters, trains_own_weights
+from axolotl_fish.callback import FishMaskCallback
+from axolotl_fish.candidates import select_candidates
+from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.fisher_rules import claim_rules
+from axolotl_fish.mask_file import FishMask
+from axolotl_fish.sharded import names_of, parameters_by_name
+
+# The built-in scorers read parameter shapes, layer inputs and output gradients only.
+SCORERS_FOR_SHARDED = frozenset({"fisher", "reverse", "random"})
+
+# `score(prepared model, its trainable tensors keyed like the saved adapter)` -> the mask.
+MaskScorer = Callable[[nn.Module, Mapping[str, nn.Parameter]], FishMask]
+
+
+def why_not_after_sharding(model: nn.Module, config: FishMaskConfig) -> str | None:
+    """None if the mask of `model` (whole: not yet sharded) can be computed after FSDP2 shards
+    it; else why not, in words."""
+    if trains_own_weights(model):
+        return (
+            "full-parameter mode sets up the value vectors of the selected entries before FSDP2 "
+            "shards the model"
+        )
+    if config.warmup_steps:
+        return "the dense warm-up (fish_mask.warmup_steps) trains the adapter before the pass"
+    if config.strategy not in SCORERS_FOR_SHARDED:
+        return f"strategy {config.strategy!r} is not a built-in scorer and may read tensor values"
+    if config.strategy == "random":
+        return None
+    params = select_candidates(trainable_parameters(model), config.include, config.exclude)
+    batched = {
+        key for rule in claim_rules(model, params) if not rule.reads_values for key in rule.keys
+    }
+    whole = [key for key in params if key not in batched]
+    if whole:
+        return (
+            f"tensor {whole[0]!r} ({len(whole)} in all) is scored from its values or one "
+            f"example at a time, which needs it whole on one device"
+        )
+    return None
+
+
+class ScoredWhenTrainingStarts(FishMaskCallback):
+    """A `FishMaskCallback` whose mask is made in `on_train_begin`, by `score`, on the model the
+    Trainer prepared (under FSDP2: sharded). Construct it before `trainer.train()`, with the
+    model not yet wrapped: its tensors' names are taken then, to find them again after."""
+
+    def __init__(self, model: nn.Module, score: MaskScorer) -> None:
+        if trains_own_weights(model):
+            raise ValueError(
+                "fish_mask: a full-parameter mask must exist before the model is wrapped; "
+                "compute it first and use FishMaskCallback."
+            )
+        self._score = score
+        self._trainable_names = names_of(model, trainable_parameters(model))
+        self.mask = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs,
+    ) -> None:
+        if model is None:
+            raise ValueError("fish_mask: the Trainer passed no model to score when training starts")
+        trainable = parameters_by_name(model, self._trainable_names)
+        self._setup(model, self._score(model, trainable), trainable, sparse=False)
+        super().on_train_begin(args, state, control, model=model, **kwargs)

@@ -1,0 +1,191 @@
+"""Scoring after FSDP2 has sharded the model (`sharded_scoring`), on two CPU processes (gloo).
+
+Each rank holds a slice of every LoRA tensor; the mask is made when training starts, after the
+optimizer was built over every trainable tensor (as the Trainer does under FSDP2). Rank 0 reads 3
+micro-batches and rank 1 one, so the ranks must run their forwards in lockstep. One process
+scoring the same examples on the whole model is the reference.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from axolotl.utils.dict import DictDefault
+from axolotl_run import free_port
+from peft import LoraConfig, get_peft_model
+from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from axolotl_fish import FishMask, FishMaskConfig, compute_fish_mask
+from axolotl_fish.adapter_tensors import trainable_parameters
+from axolotl_fish.integration import _scores_after_sharding
+from axolotl_fish.sharded import names_of, parameters_by_name
+from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
+
+WORLD = 2
+STEPS = 3
+# k below the lora_B count, with lora_B at its initial 0: every lora_A score is exactly 0, so
+# lora_A tensors get no entry and must stop training although the optimizer already holds them.
+CONFIG = FishMaskConfig(keep_ratio=0.2, num_samples=64)
+BATCHES = padded_batches(16, 4)
+SHARES = (BATCHES[:3], BATCHES[3:])
+TRAINING = padded_batches(4 * WORLD * STEPS, 4, seed=1)
+
+
+def lora_model() -> nn.Module:
+    return tiny_lora_model(nonzero_b=False)
+
+
+def shard(model: nn.Module) -> None:
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    # A rank left waiting in a collective (the ranks out of lockstep) fails instead of hanging.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        model = lora_model()
+        initial = {key: p.detach().clone() for key, p in trainable_parameters(model).items()}
+
+        def score(prepared: nn.Module, trainable) -> FishMask:
+            return compute_fish_mask(
+                prepared, SHARES[rank], CONFIG, progress=False, trainable=trainable
+            )
+
+        callback = ScoredWhenTrainingStarts(model, score)
+        names = names_of(model, trainable_parameters(model))
+        shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        state = SimpleNamespace(is_world_process_zero=rank == 0)
+        callback.on_train_begin(SimpleNamespace(output_dir=out_dir), state, None, model=model)
+        params = parameters_by_name(model, names)
+        requires_grad = {key: p.requires_grad for key, p in params.items()}
+        model.train()
+        for step in range(STEPS):
+            model(**TRAINING[WORLD * step + rank]).loss.backward()
+            optimizer.step()
+            callback.on_optimizer_step(None, None, None)
+            optimizer.zero_grad()
+        with_state = {key for key, p in params.items() if p in optimizer.state}
+        final = {key: p.full_tensor() for key, p in params.items()}
+        run = {"initial": initial, "final": final, "requires_grad": requires_grad}
+        run |= {"with_state": with_state, "mask": callback.digest}
+        try:  # a LoRA embedding's rule reads A and B themselves: not from slices
+            embedded = tiny_lora_model(extra_targets=("embed_tokens",))
+            names = names_of(embedded, trainable_parameters(embedded))
+            shard(embedded)
+            trainable = parameters_by_name(embedded, names)
+            compute_fish_mask(embedded, SHARES[rank], CONFIG, progress=False, trainable=trainable)
+        except ValueError as err:
+            run["refused"] = str(err)
+        try:
+            trainable_parameters(embedded)
+        except ValueError as err:
+            run["unnamed"] = str(err)
+        torch.save(run, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded_scoring")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_the_sharded_mask_is_one_process_s_over_the_same_examples(sharded_runs):
+    out, ranks = sharded_runs
+    single = compute_fish_mask(lora_model(), BATCHES, CONFIG, progress=False)
+    saved = FishMask.load(out)  # written by rank 0 when training started
+    assert saved.metadata["num_examples"] == 16 == single.metadata["num_examples"]
+    assert saved.metadata["world_size"] == 2 and "tie_breaks" not in saved.metadata
+    assert saved.k == single.k
+    for key, keep in single.masks.items():
+        assert torch.equal(saved.masks[key], keep), key
+    assert ranks[0]["mask"] == ranks[1]["mask"]
+    assert all("lora_A" not in key for key, keep in saved.masks.items() if keep.any())
+
+
+def test_only_selected_entries_train_though_the_optimizer_was_built_first(sharded_runs):
+    out, ranks = sharded_runs
+    mask = FishMask.load(out)
+    for run in ranks:
+        for key, keep in mask.masks.items():
+            before, after = run["initial"][key], run["final"][key]
+            assert torch.equal(after[~keep], before[~keep]), key
+            assert run["requires_grad"][key] == bool(keep.any()), key
+    moved = sum(
+        int((ranks[0]["final"][key] != ranks[0]["initial"][key]).sum()) for key in mask.masks
+    )
+    assert moved == mask.k
+    # AdamW skips tensors without a gradient: no state for the ones with no selected entry.
+    trained = {key for key, keep in mask.masks.items() if keep.any()}
+    assert ranks[0]["with_state"] == trained == ranks[1]["with_state"]
+
+
+def test_tensors_that_need_whole_values_are_refused_by_name(sharded_runs):
+    _, ranks = sharded_runs
+    for run in ranks:
+        assert "lora_embedding_A" in run["refused"] and "FSDP2 has sharded it" in run["refused"]
+        assert "already sharded" in run["unnamed"] and "names_of" in run["unnamed"]
+
+
+def dora_model() -> nn.Module:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    return get_peft_model(tiny_base_model(), config)
+
+
+@pytest.mark.parametrize(
+    ("model", "config", "reason"),
+    [
+        (lora_model, CONFIG, None),
+        (lora_model, FishMaskConfig(keep_ratio=0.2, strategy="random"), None),
+        (lora_model, FishMaskConfig(keep_ratio=0.2, warmup_steps=2), "dense warm-up"),
+        (tiny_base_model, CONFIG, "full-parameter mode"),
+        (dora_model, CONFIG, "q_proj.lora_A.weight' (12 in all)"),
+        (lambda: tiny_lora_model(extra_targets=("embed_tokens",)), CONFIG, "lora_embedding"),
+    ],
+    ids=["lora", "random", "warm-up", "full-parameter", "dora", "lora-embedding"],
+)
+def test_why_not_after_sharding(model, config, reason):
+    got = why_not_after_sharding(model(), config)
+    assert got is None if reason is None else reason in got
+
+
+FSDP2_CFG = DictDefault({"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}})
+
+
+def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
+    with caplog.at_level("INFO"):
+        assert _scores_after_sharding(FSDP2_CFG, lora_model(), CONFIG)
+        assert not _scores_after_sharding(FSDP2_CFG, dora_model(), CONFIG)
+        assert not _scores_after_sharding(DictDefault({}), lora_model(), CONFIG)
+    assert "computed when training starts" in caplog.text
+    assert "scoring before FSDP2 shards the model, on one device: tensor" in caplog.text
+    off = FishMaskConfig(keep_ratio=0.2, score_after_sharding=False)
+    assert not _scores_after_sharding(FSDP2_CFG, lora_model(), off)
+    forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
+    with pytest.raises(ValueError, match="score_after_sharding: true, but tensor .*lora_A"):
+        _scores_after_sharding(FSDP2_CFG, dora_model(), forced)
+
+
+def test_a_full_parameter_model_cannot_defer_its_mask():
+    with pytest.raises(ValueError, match="full-parameter mask must exist before"):
+        ScoredWhenTrainingStarts(tiny_base_model(), lambda model, trainable: None)
