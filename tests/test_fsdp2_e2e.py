@@ -195,6 +195,39 @@ def test_masked_entries_unchanged_in_every_checkpoint_and_the_final_adapter(lora
                 assert torch.equal(adapter[key], checkpoint_2[key]), (name, key)
 
 
+@pytest.fixture(scope="module")
+def efficient_loading_runs(lora_runs, tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
+    """`lora_runs`' two runs again with `cpu_ram_efficient_loading`: only rank 0 loads the
+    weights (the other rank's base weights stay on the meta device, its adapter all zeros,
+    until FSDP2 broadcasts rank 0's into its shards), so the mask can only be made after
+    sharding; the resume reads the saved one."""
+    tmp = tmp_path_factory.mktemp("fsdp2_efficient")
+    fsdp_config = {**FSDP2["fsdp_config"], "cpu_ram_efficient_loading": True}
+    fsdp = {**FSDP2, "fsdp_config": fsdp_config}
+    config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **LORA, **fsdp, max_steps=2)
+    first = train_fsdp2(config)
+    checkpoint_2 = gathered_weights(tmp / "out/checkpoint-2", tmp)
+    resume = {"max_steps": 4, "resume_from_checkpoint": str(tmp / "out/checkpoint-2")}
+    config = write_config(tmp, tiny_llama_dir, alpaca_jsonl, **LORA, **fsdp, **resume)
+    resumed = train_fsdp2(config)
+    return tmp / "out", first, resumed, checkpoint_2
+
+
+def test_rank_zero_only_loading_trains_as_the_fully_loaded_run(lora_runs, efficient_loading_runs):
+    tmp, _, _, checkpoint_2, _ = lora_runs
+    out, first, resumed, efficient_checkpoint_2 = efficient_loading_runs
+    assert "non-rank-0 params stay on meta" in first  # Axolotl's rank-0-only loading was on
+    assert "computed when training starts, on the model FSDP2 has sharded" in first
+    assert f"resuming with the mask saved in {out / 'checkpoint-2' / MASK_FILENAME}" in resumed
+    assert held_digests(first) == held_digests(resumed) == held_digests(lora_runs[1])
+    mask = FishMask.load(out)
+    assert mask_digest(mask.masks) == mask_digest(FishMask.load(tmp / "out").masks)
+    final, reference = load_adapter_tensors(out), load_adapter_tensors(tmp / "out")
+    for key in mask.masks:
+        torch.testing.assert_close(efficient_checkpoint_2[key], checkpoint_2[key], msg=key)
+        torch.testing.assert_close(final[key], reference[key], msg=key)
+
+
 def test_resume_keeps_the_checkpoint_s_mask(lora_runs):
     tmp, _, resumed, _, _ = lora_runs
     mask = FishMask.load(tmp / "out")

@@ -91,8 +91,20 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),
         ({"fsdp_config": {"reshard_after_forward": True}}, "FSDP1 flattens each wrapped module"),
         (
-            {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},
-            "Set `fsdp_config.cpu_ram_efficient_loading: false`",
+            {
+                "adapter": None,
+                "fsdp_version": 2,
+                "fsdp_config": {"cpu_ram_efficient_loading": True},
+            },
+            "needs the mask made after FSDP2 shards the model, since only rank 0 holds",
+        ),
+        (
+            {
+                "fsdp_version": 2,
+                "fsdp_config": {"cpu_ram_efficient_loading": True},
+                "fish_mask": {"keep_ratio": 0.5, "warmup_steps": 2},
+            },
+            "Otherwise set `fsdp_config.cpu_ram_efficient_loading: false`",
         ),
     ],
 )
@@ -118,6 +130,7 @@ def test_other_adapters_are_accepted_with_their_settings(make_cfg):
     [
         {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
         {"fsdp_config": {"fsdp_version": 2, "cpu_ram_efficient_loading": False}},
+        {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},  # LoRA
     ],
 )
 def test_fsdp2_is_accepted(make_cfg, fsdp):

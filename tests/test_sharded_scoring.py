@@ -184,6 +184,11 @@ def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
     forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
     with pytest.raises(ValueError, match="score_after_sharding: true, but tensor .*lora_A"):
         _scores_after_sharding(FSDP2_CFG, dora_model(), forced)
+    # Only rank 0 loads weights: the mask can only be made after sharding.
+    efficient = DictDefault({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}})
+    assert _scores_after_sharding(efficient, lora_model(), CONFIG)
+    with pytest.raises(ValueError, match="cpu_ram_efficient_loading: true needs the mask made af"):
+        _scores_after_sharding(efficient, dora_model(), CONFIG)
 
 
 def test_a_full_parameter_model_cannot_defer_its_mask():

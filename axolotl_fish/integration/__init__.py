@@ -18,7 +18,7 @@ from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
 from axolotl_fish.integration import bottleneck
-from axolotl_fish.integration.args import LORA_KERNEL_KEYS
+from axolotl_fish.integration.args import EFFICIENT_LOADING_KEYS, LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.integration.scoring_device import on_training_device
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
@@ -248,6 +248,9 @@ def _under_fsdp2(cfg: DictDefault) -> bool:
 def _scores_after_sharding(cfg: DictDefault, model: nn.Module, config: FishMaskConfig) -> bool:
     """Whether the mask is computed when training starts, on the model FSDP2 has sharded
     (`fish_mask.score_after_sharding`; unset: whenever the run allows it); logs the decision."""
+    efficient = next(
+        (key for key in EFFICIENT_LOADING_KEYS if (cfg.fsdp_config or {}).get(key)), None
+    )
     wanted = config.score_after_sharding
     if not _under_fsdp2(cfg):
         if wanted:
@@ -266,6 +269,10 @@ def _scores_after_sharding(cfg: DictDefault, model: nn.Module, config: FishMaskC
         return True
     if wanted:
         raise ValueError(f"fish_mask.score_after_sharding: true, but {reason}")
+    if efficient:  # the other ranks hold no weights before sharding
+        raise ValueError(
+            f"fsdp_config.{efficient}: true needs the mask made after sharding, but {reason}"
+        )
     LOG.info(f"fish_mask: scoring before FSDP2 shards the model, on one device: {reason}")
     return False
 

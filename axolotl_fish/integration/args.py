@@ -85,6 +85,10 @@ class FishMaskPluginArgs(BottleneckArgs):
         return data
 
 
+# Only rank 0 loads the weights; FSDP2 broadcasts them into the other ranks' shards.
+EFFICIENT_LOADING_KEYS = ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading")
+
+
 def _check_sharding(data: dict[str, Any]) -> None:
     """FSDP2 is supported; FSDP1 and DeepSpeed are refused with the reason and what to use."""
     if data.get("deepspeed"):
@@ -107,10 +111,17 @@ def _check_sharding(data: dict[str, Any]) -> None:
             f"{version!r}, i.e. FSDP1). FSDP1 flattens each wrapped module's parameters into "
             f"one flat parameter, so the per-tensor mask hooks would never fire."
         )
-    for key in ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading"):
-        if fsdp_config.get(key):
-            raise ValueError(
-                f"fish_mask cannot score entries with `fsdp_config.{key}: true`: the Fisher pass "
-                f"runs before FSDP2 shards the model, when only rank 0 holds the weights (the "
-                f"others hold empty tensors). Set `fsdp_config.{key}: false`."
-            )
+    efficient = [key for key in EFFICIENT_LOADING_KEYS if fsdp_config.get(key)]
+    fish_mask = data.get("fish_mask")
+    settings = fish_mask if isinstance(fish_mask, dict) else {}
+    if efficient and (
+        data.get("adapter") not in ("lora", "qlora")
+        or settings.get("score_after_sharding") is False
+        or settings.get("warmup_steps")
+    ):
+        raise ValueError(
+            f"fish_mask with `fsdp_config.{efficient[0]}: true` needs the mask made after FSDP2 "
+            f"shards the model, since only rank 0 holds the weights before: `adapter: lora` or "
+            f"`qlora`, without fish_mask.warmup_steps and fish_mask.score_after_sharding: false. "
+            f"Otherwise set `fsdp_config.{efficient[0]}: false`."
+        )
