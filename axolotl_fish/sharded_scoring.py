@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from torch import nn
-from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from axolotl_fish.adapter_tensors import trainable_parameters, trains_own_weights
 from axolotl_fish.callback import FishMaskCallback
@@ -77,17 +76,11 @@ class ScoredWhenTrainingStarts(FishMaskCallback):
         self._score = score
         self._trainable_names = names_of(model, trainable_parameters(model))
         self.mask = None
+        self._begin = self._score_then_begin  # called by `on_train_begin`
 
-    def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs,
-    ) -> None:
-        if model is None:
+    def _score_then_begin(self, prepared: nn.Module | None) -> None:
+        if prepared is None:
             raise ValueError("fish_mask: the Trainer passed no model to score when training starts")
-        trainable = parameters_by_name(model, self._trainable_names)
-        self._setup(model, self._score(model, trainable), trainable, sparse=False)
-        super().on_train_begin(args, state, control, model=model, **kwargs)
+        trainable = parameters_by_name(prepared, self._trainable_names)
+        self._setup(prepared, self._score(prepared, trainable), trainable, sparse=False)
+        self._begin(prepared)  # the mask's own start, which `_setup` put in place
