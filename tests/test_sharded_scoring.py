@@ -34,6 +34,7 @@ STEPS = 3
 # k below the lora_B count, with lora_B at its initial 0: every lora_A score is exactly 0, so
 # lora_A tensors get no entry and must stop training although the optimizer already holds them.
 CONFIG = FishMaskConfig(keep_ratio=0.2, num_samples=64)
+SAMPLED = FishMaskConfig(keep_ratio=0.2, num_samples=64, fisher="sampled", fisher_chunks=2)
 BATCHES = padded_batches(16, 4)
 SHARES = (BATCHES[:3], BATCHES[3:])
 TRAINING = padded_batches(4 * WORLD * STEPS, 4, seed=1)
@@ -71,6 +72,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         callback = ScoredWhenTrainingStarts(model, score)
         names = names_of(model, trainable_parameters(model))
         shard(model)
+        chunked = compute_fish_mask(  # two passes in lockstep, labels drawn from the model
+            model,
+            SHARES[rank],
+            SAMPLED,
+            progress=False,
+            trainable=parameters_by_name(model, names),
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
         state = SimpleNamespace(is_world_process_zero=rank == 0)
         callback.on_train_begin(SimpleNamespace(output_dir=out_dir), state, None, model=model)
@@ -86,6 +94,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         final = {key: p.full_tensor() for key, p in params.items()}
         run = {"initial": initial, "final": final, "requires_grad": requires_grad}
         run |= {"with_state": with_state, "mask": callback.digest}
+        run |= {"chunked": chunked.masks, "chunked_examples": chunked.metadata["num_examples"]}
         try:  # a LoRA embedding's rule reads A and B themselves: not from slices
             embedded = tiny_lora_model(extra_targets=("embed_tokens",))
             names = names_of(embedded, trainable_parameters(embedded))
@@ -121,6 +130,16 @@ def test_the_sharded_mask_is_one_process_s_over_the_same_examples(sharded_runs):
         assert torch.equal(saved.masks[key], keep), key
     assert ranks[0]["mask"] == ranks[1]["mask"]
     assert all("lora_A" not in key for key, keep in saved.masks.items() if keep.any())
+
+
+def test_sampled_fisher_in_chunks_on_the_sharded_model_is_one_process_s(sharded_runs):
+    _, ranks = sharded_runs
+    single = compute_fish_mask(lora_model(), BATCHES, SAMPLED, progress=False)
+    assert single.metadata["fisher_chunks"] == 2
+    for run in ranks:
+        assert run["chunked_examples"] == 16
+        for key, keep in single.masks.items():
+            assert torch.equal(run["chunked"][key], keep), key
 
 
 def test_only_selected_entries_train_though_the_optimizer_was_built_first(sharded_runs):
