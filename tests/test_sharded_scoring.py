@@ -22,9 +22,11 @@ from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from axolotl_fish import FishMask, FishMaskConfig, compute_fish_mask
 from axolotl_fish.adapter_tensors import trainable_parameters
+from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
 from axolotl_fish.integration import _scores_after_sharding
 from axolotl_fish.sharded import names_of, parameters_by_name
 from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
@@ -46,13 +48,22 @@ def lora_model() -> nn.Module:
 
 def shard(model: nn.Module) -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model.base_model.model.model.layers:
+    for layer in [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    # A rank left waiting in a collective (the ranks out of lockstep) fails instead of hanging.
+# Other adapters whose candidates are all in linear layers: a `modules_to_save` copy of the head
+# beside LoRA, and bottleneck adapters (zero-initialised up-projections: ties, drawn by seed).
+OTHER_ADAPTERS = {
+    "modules_to_save": lambda: tiny_lora_model(nonzero_b=False, modules_to_save=["lm_head"]),
+    "bottleneck": lambda: add_bottleneck(tiny_base_model(), BottleneckConfig(size=4)),
+}
+
+
+def join(rank: int, port: int) -> None:
+    """Join the gloo group; a rank left waiting in a collective (ranks out of lockstep) fails
+    instead of hanging."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -60,6 +71,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         world_size=WORLD,
         timeout=timedelta(seconds=120),
     )
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    join(rank, port)
     try:
         model = lora_model()
         initial = {key: p.detach().clone() for key, p in trainable_parameters(model).items()}
@@ -110,6 +125,36 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(run, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def other_adapters_worker(rank: int, port: int, out_dir: str) -> None:
+    join(rank, port)
+    try:
+        masks = {}
+        for name, build in OTHER_ADAPTERS.items():
+            model = build()
+            assert why_not_after_sharding(model, CONFIG) is None
+            names = names_of(model, trainable_parameters(model))
+            shard(model)
+            trainable = parameters_by_name(model, names)
+            mask = compute_fish_mask(
+                model, SHARES[rank], CONFIG, progress=False, trainable=trainable
+            )
+            masks[name] = mask.masks
+        torch.save(masks, f"{out_dir}/others{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_other_linear_adapters_score_on_the_sharded_model_as_in_one_process(tmp_path):
+    mp.spawn(other_adapters_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for name, build in OTHER_ADAPTERS.items():
+        single = compute_fish_mask(build(), BATCHES, CONFIG, progress=False).masks
+        for rank in range(WORLD):
+            sharded = torch.load(tmp_path / f"others{rank}.pt")[name]
+            assert set(sharded) == set(single), name
+            for key, keep in single.items():
+                assert torch.equal(sharded[key], keep), (name, key)
 
 
 @pytest.fixture(scope="module")
