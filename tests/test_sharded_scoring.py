@@ -245,6 +245,10 @@ def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
     assert "scoring before FSDP2 shards the model, on one device: tensor" in caplog.text
     off = FishMaskConfig(keep_ratio=0.2, score_after_sharding=False)
     assert not _scores_after_sharding(FSDP2_CFG, lora_model(), off)
+    offload = DictDefault({"fsdp_version": 2, "fsdp_config": {"offload_params": True}})
+    with caplog.at_level("INFO"):
+        assert not _scores_after_sharding(offload, lora_model(), CONFIG)
+    assert "on one device: fsdp_config.offload_params keeps the sharded" in caplog.text
     forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
     with pytest.raises(ValueError, match="score_after_sharding: true, but tensor .*lora_A"):
         _scores_after_sharding(FSDP2_CFG, dora_model(), forced)

@@ -256,11 +256,14 @@ def _scores_after_sharding(cfg: DictDefault, model: nn.Module, config: FishMaskC
         if wanted:
             LOG.warning("fish_mask.score_after_sharding has no effect without FSDP2")
         return False
-    reason = (
-        "fish_mask.score_after_sharding is false"
-        if wanted is False
-        else why_not_after_sharding(model, config)
-    )
+    if wanted is False:
+        reason = "fish_mask.score_after_sharding is false"
+    elif (cfg.fsdp_config or {}).get("offload_params"):
+        # The pass would place its batches and scores with the CPU-held shards, not on the GPU
+        # where FSDP2 computes.
+        reason = "fsdp_config.offload_params keeps the sharded parameters on the CPU"
+    else:
+        reason = why_not_after_sharding(model, config)
     if reason is None:
         LOG.info(
             "fish_mask: the mask is computed when training starts, on the model FSDP2 has "
