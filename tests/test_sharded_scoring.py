@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from axolotl_fish import FishMask, FishMaskConfig, compute_fish_mask
 from axolotl_fish.adapter_tensors import trainable_parameters
 from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
-from axolotl_fish.integration import _scores_after_sharding
+from axolotl_fish.integration.scoring_device import scores_after_sharding
 from axolotl_fish.sharded import names_of, parameters_by_name
 from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
 
@@ -238,25 +238,25 @@ FSDP2_CFG = DictDefault({"fsdp_version": 2, "fsdp_config": {"reshard_after_forwa
 
 def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
     with caplog.at_level("INFO"):
-        assert _scores_after_sharding(FSDP2_CFG, lora_model(), CONFIG)
-        assert not _scores_after_sharding(FSDP2_CFG, dora_model(), CONFIG)
-        assert not _scores_after_sharding(DictDefault({}), lora_model(), CONFIG)
+        assert scores_after_sharding(FSDP2_CFG, lora_model(), CONFIG)
+        assert not scores_after_sharding(FSDP2_CFG, dora_model(), CONFIG)
+        assert not scores_after_sharding(DictDefault({}), lora_model(), CONFIG)
     assert "computed when training starts" in caplog.text
     assert "scoring before FSDP2 shards the model, on one device: tensor" in caplog.text
     off = FishMaskConfig(keep_ratio=0.2, score_after_sharding=False)
-    assert not _scores_after_sharding(FSDP2_CFG, lora_model(), off)
+    assert not scores_after_sharding(FSDP2_CFG, lora_model(), off)
     offload = DictDefault({"fsdp_version": 2, "fsdp_config": {"offload_params": True}})
     with caplog.at_level("INFO"):
-        assert not _scores_after_sharding(offload, lora_model(), CONFIG)
+        assert not scores_after_sharding(offload, lora_model(), CONFIG)
     assert "on one device: fsdp_config.offload_params keeps the sharded" in caplog.text
     forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
     with pytest.raises(ValueError, match="score_after_sharding: true, but tensor .*lora_A"):
-        _scores_after_sharding(FSDP2_CFG, dora_model(), forced)
+        scores_after_sharding(FSDP2_CFG, dora_model(), forced)
     # Only rank 0 loads weights: the mask can only be made after sharding.
     efficient = DictDefault({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}})
-    assert _scores_after_sharding(efficient, lora_model(), CONFIG)
+    assert scores_after_sharding(efficient, lora_model(), CONFIG)
     with pytest.raises(ValueError, match="cpu_ram_efficient_loading: true needs the mask made af"):
-        _scores_after_sharding(efficient, dora_model(), CONFIG)
+        scores_after_sharding(efficient, dora_model(), CONFIG)
 
 
 def test_a_full_parameter_model_cannot_defer_its_mask():

@@ -18,14 +18,18 @@ from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
 from axolotl_fish.integration import bottleneck
-from axolotl_fish.integration.args import EFFICIENT_LOADING_KEYS, LORA_KERNEL_KEYS
+from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
-from axolotl_fish.integration.scoring_device import on_training_device
+from axolotl_fish.integration.scoring_device import (
+    on_training_device,
+    scores_after_sharding,
+    under_fsdp2,
+)
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.mask_source import load_mask
 from axolotl_fish.model_card import add_card_section_on_create
 from axolotl_fish.provenance import check_mask_fits
-from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
+from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts
 from axolotl_fish.sparse_delta import DELTA_FILENAME
 from axolotl_fish.summary import summarize
 
@@ -94,7 +98,7 @@ class FishMaskPlugin(BasePlugin):
         check_every_process_is_a_rank(trainer)
         config = FishMaskConfig(**cfg.fish_mask)
         source = _resume_mask_path(cfg) or _mask_path(config)
-        if source is None and _scores_after_sharding(cfg, trainer.model, config):
+        if source is None and scores_after_sharding(cfg, trainer.model, config):
 
             def score(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> FishMask:
                 mask = _computed_mask(trainer, config, model, trainable)
@@ -109,7 +113,7 @@ class FishMaskPlugin(BasePlugin):
             mask = _load_mask(source, config)
             check_mask_fits(mask, trainer.model, str(source))
             _warn_if_settings_differ(mask, config)
-        if _under_fsdp2(cfg) and trains_own_weights(trainer.model):
+        if under_fsdp2(cfg) and trains_own_weights(trainer.model):
             LOG.info(
                 "fish_mask: full-parameter mode under FSDP2: the value vectors of the selected "
                 "entries are sharded like the weights (AdamW state for k entries across all "
@@ -239,45 +243,6 @@ def _warn_if_settings_differ(mask: FishMask, config: FishMaskConfig) -> None:
             + "; ".join(differ)
             + ")"
         )
-
-
-def _under_fsdp2(cfg: DictDefault) -> bool:
-    return bool(cfg.fsdp or cfg.fsdp_config)  # the schema admits FSDP only as FSDP2
-
-
-def _scores_after_sharding(cfg: DictDefault, model: nn.Module, config: FishMaskConfig) -> bool:
-    """Whether the mask is computed when training starts, on the model FSDP2 has sharded
-    (`fish_mask.score_after_sharding`; unset: whenever the run allows it); logs the decision."""
-    efficient = next(
-        (key for key in EFFICIENT_LOADING_KEYS if (cfg.fsdp_config or {}).get(key)), None
-    )
-    wanted = config.score_after_sharding
-    if not _under_fsdp2(cfg):
-        if wanted:
-            LOG.warning("fish_mask.score_after_sharding has no effect without FSDP2")
-        return False
-    if wanted is False:
-        reason = "fish_mask.score_after_sharding is false"
-    elif (cfg.fsdp_config or {}).get("offload_params"):
-        # The pass would place its batches and scores with the CPU-held shards, not on the GPU
-        # where FSDP2 computes.
-        reason = "fsdp_config.offload_params keeps the sharded parameters on the CPU"
-    else:
-        reason = why_not_after_sharding(model, config)
-    if reason is None:
-        LOG.info(
-            "fish_mask: the mask is computed when training starts, on the model FSDP2 has "
-            "sharded (no device holds the whole model)"
-        )
-        return True
-    if wanted:
-        raise ValueError(f"fish_mask.score_after_sharding: true, but {reason}")
-    if efficient:  # the other ranks hold no weights before sharding
-        raise ValueError(
-            f"fsdp_config.{efficient}: true needs the mask made after sharding, but {reason}"
-        )
-    LOG.info(f"fish_mask: scoring before FSDP2 shards the model, on one device: {reason}")
-    return False
 
 
 def _computed_mask(
