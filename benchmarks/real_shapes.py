@@ -18,7 +18,9 @@ of them labelled, as in an instruction example). Needs the core only (no Axolotl
   variants (frozen, dense, masked, sparse; sparse alone at the further keeps);
 - fsdp2: a full-parameter sparse step at the first `--keep` under FSDP2 on a 1-rank mesh (model
   and value vectors made on the CPU, then sharded onto the device, as in a plugin run), with
-  masked entries checked unchanged, against the same step without FSDP2.
+  masked entries checked unchanged, against the same step without FSDP2;
+- fisher_lora_fsdp2: fisher_lora's pass on the model FSDP2 sharded (1-rank mesh), as the plugin
+  scores LoRA under FSDP2, against the unsharded pass; their masks are checked equal.
 Variants run one after another, each on its own fresh model that is freed before the next, so
 each peak (the CUDA allocator's, reset after a warm-up run; on a CPU the process's peak RSS,
 which is only an upper bound) holds that variant alone. Times are medians of `--repeats` passes
@@ -53,6 +55,7 @@ from axolotl_fish.adapter_tensors import adapter_parameters, model_parameters
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.fisher_chunks import fisher_scores_in_chunks
 from axolotl_fish.selection import select_top_k
+from axolotl_fish.sharded import names_of, parameters_by_name
 
 Batch = dict[str, torch.Tensor]
 
@@ -279,11 +282,9 @@ def select_masks(
     return masks[0]
 
 
-def fsdp2(args: argparse.Namespace, shape: str, record: Recorder) -> None:
-    """Full-parameter value vectors under FSDP2 in this one process (a 1-rank mesh): the model
-    is built on the CPU, as Axolotl loads an FSDP model, its value vectors are made there, and
-    `fully_shard` moves all of it to the device, as the plugin's run does; against the same
-    sparse training without FSDP2. Every masked entry is checked unchanged afterwards."""
+def shard_one_rank(args: argparse.Namespace, model: nn.Module) -> None:
+    """`fully_shard` every decoder layer and the root onto `args.device`, on a 1-rank mesh of
+    this process (its process group made on first use)."""
     import os
 
     import torch.distributed as dist
@@ -295,6 +296,56 @@ def fsdp2(args: argparse.Namespace, shape: str, record: Recorder) -> None:
         os.environ.setdefault("MASTER_PORT", "29517")
         backend = "nccl" if args.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
+    mesh = init_device_mesh(args.device.split(":")[0], (1,))
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def fisher_lora_fsdp2(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    """The LoRA Fisher pass on the model FSDP2 has sharded (a 1-rank mesh: the model built on
+    the CPU, as Axolotl loads an FSDP model, then moved by `fully_shard`), as the plugin scores
+    under FSDP2, against the same pass on the unsharded model; the two masks at the first
+    `--keep` must be equal."""
+    batches = random_batches(args, SHAPES[shape][1]["vocab_size"], args.samples)
+    n = args.samples
+    keep = args.keep[0]
+    masks = {}
+    for name in ("unsharded", "FSDP2 1 rank"):
+        sharded = name != "unsharded"
+        model = add_lora(random_model(shape, "cpu" if sharded else args.device), 16, "cpu")
+        if not sharded:
+            model.to(args.device)
+        params = adapter_parameters(model)
+        names = names_of(model, params)
+        if sharded:
+            shard_one_rank(args, model)
+            params = parameters_by_name(model, names)
+        entries = sum(p.numel() for p in params.values())
+        scores: dict[str, torch.Tensor] = {}
+
+        def run(
+            model: nn.Module = model,
+            params: dict[str, nn.Parameter] = params,
+            into: dict[str, torch.Tensor] = scores,
+        ) -> None:
+            into.update(fisher_scores(model, batches, params, n, progress=False).scores)
+
+        record.measure("fisher_lora_fsdp2", name, run, examples=n, entries=entries)
+        masks[name] = select_top_k(scores, round(keep * entries), seed=0).masks
+        del model, params, run
+        free()
+    for key, mask in masks["unsharded"].items():
+        if not torch.equal(mask.cpu(), masks["FSDP2 1 rank"][key].cpu()):
+            raise AssertionError(f"{key}: the sharded pass selected other entries")
+
+
+def fsdp2(args: argparse.Namespace, shape: str, record: Recorder) -> None:
+    """Full-parameter value vectors under FSDP2 in this one process (a 1-rank mesh): the model
+    is built on the CPU, as Axolotl loads an FSDP model, its value vectors are made there, and
+    `fully_shard` moves all of it to the device, as the plugin's run does; against the same
+    sparse training without FSDP2. Every masked entry is checked unchanged afterwards."""
     keep = args.keep[0]
     batch = random_batches(args, SHAPES[shape][1]["vocab_size"], args.micro_batch)[0]
     model = random_model(shape, "cpu")
@@ -307,10 +358,7 @@ def fsdp2(args: argparse.Namespace, shape: str, record: Recorder) -> None:
     free()
     frozen = {key: p.detach()[~masks[key]].clone() for key, p in list(params.items())[:4]}
     variant = full_mode.Variant("sparse", model, masks)  # value vectors before sharding
-    mesh = init_device_mesh(args.device.split(":")[0], (1,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard_one_rank(args, model)
     variant.trainable = [p for p in model.parameters() if p.requires_grad]  # the sharded ones
     variant.optimizer = torch.optim.AdamW(variant.trainable, lr=1e-5, weight_decay=0.01)
     measure_steps(record, "fsdp2_step", f"sparse keep {keep}, FSDP2 1 rank", variant, batch)
@@ -327,6 +375,7 @@ SECTIONS = {
     "full_fisher": full_fisher,
     "full": full,
     "fsdp2": fsdp2,
+    "fisher_lora_fsdp2": fisher_lora_fsdp2,
 }
 TABLES = [
     ("fisher_lora", "s per pass", "limit"),
@@ -335,6 +384,7 @@ TABLES = [
     ("full_select", "s", None),
     ("full_step", "s per step", "frozen"),
     ("fsdp2_step", "s per step", None),
+    ("fisher_lora_fsdp2", "s per pass", "unsharded"),
 ]
 
 
