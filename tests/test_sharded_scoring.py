@@ -9,6 +9,7 @@ scoring the same examples on the whole model is the reference.
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,12 @@ from axolotl_run import free_port
 from peft import LoraConfig, get_peft_model
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -58,7 +65,22 @@ def shard(model: nn.Module) -> None:
 OTHER_ADAPTERS = {
     "modules_to_save": lambda: tiny_lora_model(nonzero_b=False, modules_to_save=["lm_head"]),
     "bottleneck": lambda: add_bottleneck(tiny_base_model(), BottleneckConfig(size=4)),
+    "activation checkpointing": lora_model,  # layers wrapped below, as Axolotl's FSDP2 does
 }
+
+
+NO_REENTRANT = CheckpointImpl.NO_REENTRANT
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Axolotl's `fsdp_config.activation_checkpointing`: every decoder layer in a non-reentrant
+    `checkpoint_wrapper`, which recomputes its forward during backward, in eval mode too."""
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=NO_REENTRANT),
+        check_fn=lambda module: isinstance(module, LlamaDecoderLayer),
+    )
+    assert any(isinstance(module, CheckpointWrapper) for module in model.modules())
 
 
 def join(rank: int, port: int) -> None:
@@ -135,6 +157,8 @@ def other_adapters_worker(rank: int, port: int, out_dir: str) -> None:
             model = build()
             assert why_not_after_sharding(model, CONFIG) is None
             names = names_of(model, trainable_parameters(model))
+            if name == "activation checkpointing":
+                checkpoint_layers(model)
             shard(model)
             trainable = parameters_by_name(model, names)
             mask = compute_fish_mask(
