@@ -9,8 +9,10 @@ path (`fisher.py`).
 A rule may only claim a tensor that is used solely through the forward of the module(s) it
 records. So modules whose class overrides the forward of `nn.Linear` / `nn.Embedding` are left
 alone, as are tensors held by more than one module (except a tied embedding, which has its own
-rule) and the factors and base layers of LoRA layers with a variant (DoRA reuses
-`lora_B @ lora_A` and the base weight to normalise the weight).
+rule) and the factors and base layers of LoRA layers with a variant other than DoRA on a linear
+layer. DoRA's linear layers reuse `lora_B @ lora_A` and the base weight only in the weight norm,
+which PEFT detaches from the gradient (the DoRA paper's section 4.3): their factors train
+through their own forward alone, and the magnitude vector has its own rule.
 
 Rules live in `RULES`, tried in order for every module; `register_rule` adds one (e.g. for a new
 adapter type). A rule whose recorded calls turn out not to be per-example (a first dimension
@@ -496,7 +498,8 @@ def _plain_lora_lookup(layer: nn.Module) -> bool:
 
 
 def _lora_variant_modules(model: nn.Module) -> set[nn.Module]:
-    """Factors and base layers of LoRA layers with a variant (DoRA): used outside their forward."""
+    """Base layers of LoRA layers with a variant, and their factors unless the variant is DoRA on
+    a linear layer (whose factors are used, with gradient, only through their forward)."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -505,10 +508,80 @@ def _lora_variant_modules(model: nn.Module) -> set[nn.Module]:
     for layer in model.modules():
         if isinstance(layer, LoraLayer) and layer.lora_variant:
             excluded.add(layer.get_base_layer())
-            for adapter in layer.lora_variant:
+            for adapter in [a for a in layer.lora_variant if _dora_linear(layer, a) is None]:
                 excluded.update(
                     factors[adapter]
                     for factors in (layer.lora_A, layer.lora_B)
                     if adapter in factors
                 )
     return excluded
+
+
+def _dora_linear(layer: nn.Module, adapter: str) -> nn.Module | None:
+    """The magnitude module of `adapter` if it is DoRA on a linear LoRA layer, else None."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    if not isinstance(layer.lora_variant.get(adapter), DoraLinearVariant):
+        return None
+    magnitude = layer.lora_magnitude_vector[adapter]
+    return magnitude if type(magnitude) is DoraLinearLayer else None
+
+
+@register_rule
+class DoraMagnitudeRule(FisherRule):
+    """The magnitude vector m of DoRA on a linear layer. PEFT adds r = (m / n - 1) * base +
+    (m / n) * s * B(A(x)) to the base output, the weight norm n detached: r is linear in m, so
+    d r_t / d m = r_t(m = 1) - r_t(m = 0) - read off the magnitude module itself, called with m set
+    to 1 and to 0 (as `NormRule` reads a norm) - and the per-example gradient is
+    sum_t g_t * that slope."""
+
+    reads_values = True
+
+    def __init__(self, layer: nn.Module, magnitude: nn.Module, adapter: str, key: str) -> None:
+        self.modules = (magnitude,)
+        self.layer, self.adapter = layer, adapter
+        self.keys = (key,)
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> DoraMagnitudeRule | None:
+        from peft.tuners.lora import LoraLayer
+
+        if not isinstance(module, LoraLayer) or len(module.lora_variant) != 1:
+            return None
+        [adapter] = module.lora_variant
+        magnitude = _dora_linear(module, adapter)
+        if magnitude is None or set(magnitude._parameters) != {"weight"}:
+            return None
+        key = candidates.key(magnitude.weight)
+        owners = candidates.owners.get(id(magnitude.weight), [])
+        if key is None or owners != [magnitude]:
+            return None
+        return cls(module, magnitude, adapter, key)
+
+    @torch.no_grad()
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        [module_calls] = calls.values()
+        [magnitude] = self.modules
+        layer, adapter = self.layer, self.adapter
+        rows = module_calls[0].input.shape[0]
+        g = _cat(module_calls, "grad", rows)
+        weight = magnitude.weight
+
+        def probe(value: float) -> torch.Tensor:
+            with _swapped(magnitude, {"weight": torch.full_like(weight, value)}):
+                outputs = [
+                    magnitude(
+                        call.input,
+                        lora_A=layer.lora_A[adapter],
+                        lora_B=layer.lora_B[adapter],
+                        scaling=layer.scaling[adapter],
+                        base_layer=layer.get_base_layer(),
+                        adapter_name=adapter,
+                    ).reshape(rows, -1, g.shape[-1])
+                    for call in module_calls
+                ]
+            return torch.cat(outputs, dim=1).float()
+
+        slope = probe(1.0) - probe(0.0)
+        scores[self.keys[0]].add_((g * slope).sum(dim=1).square().sum(dim=0))

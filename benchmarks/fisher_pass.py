@@ -1,6 +1,6 @@
 """Time of our Fisher pass vs the physical limit and vs the batch-size-1 loop peers use.
 
-    python benchmarks/fisher_pass.py [--samples 256] [--micro-batch 8] [--repeats 3]
+    python benchmarks/fisher_pass.py [--samples 256] [--micro-batch 8] [--repeats 3] [--dora]
 
 - ours: `fisher_scores` (batched exact per-example squared gradients);
 - limit: one ordinary forward+backward over the same micro-batches (what training costs);
@@ -35,9 +35,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA")
     args = parser.parse_args()
 
-    model = lora_model(args.model, args.rank, args.device)
+    model = lora_model(args.model, args.rank, args.device, dora=args.dora)
     params = adapter_parameters(model)
     batches = demo_batches(args.model, args.data, args.samples, args.micro_batch, args.device)
     n = args.samples
@@ -66,7 +67,8 @@ def main() -> None:
         float((ours[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in reference
     )
     total = sum(p.numel() for p in params.values())
-    print(f"\n{machine()}; SmolLM2-135M, LoRA r={args.rank} on q,k,v,o ({total:,} entries)")
+    kind = "DoRA" if args.dora else "LoRA"
+    print(f"\n{machine()}; SmolLM2-135M, {kind} r={args.rank} on q,k,v,o ({total:,} entries)")
     print(f"N={n} examples, micro-batch {args.micro_batch}, {args.repeats} interleaved rounds\n")
     print("| run | median s | per example ms | process peak memory MiB |")
     print("| --- | --- | --- | --- |")

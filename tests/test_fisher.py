@@ -101,8 +101,8 @@ def test_packed_rows_are_examples():
     [({"use_dora": True}, "lora_magnitude_vector"), ({"modules_to_save": ["lm_head"]}, "lm_head")],
     ids=["dora", "modules_to_save"],
 )
-def test_generic_path_for_tensors_outside_lora_factors(settings, key_part):
-    """DoRA magnitudes (and DoRA-coupled factors) and modules_to_save copies go per example."""
+def test_tensors_outside_plain_lora_factors_match_the_reference(settings, key_part):
+    """DoRA magnitudes and factors, modules_to_save copies."""
     model = tiny_lora_model("llama", **settings)
     assert any(key_part in key for key in adapter_parameters(model))
     assert_matches_reference(model, padded_batches(n_rows=6, batch_size=3), 6)

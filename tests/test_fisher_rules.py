@@ -15,6 +15,7 @@ import axolotl_fish.fisher_taps as fisher_taps
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.fisher_rules import (
+    DoraMagnitudeRule,
     EmbeddingRule,
     LinearRule,
     NormRule,
@@ -218,10 +219,29 @@ def test_plain_linear_layers_of_any_adapter_are_claimed(monkeypatch):
     assert max_relative_error(result.scores, reference_fisher(model, batches, params, 6)) < 1e-4
 
 
-def test_dora_factors_and_magnitudes_are_not_claimed():
-    model = tiny_lora_model("llama", use_dora=True)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_linear_layers_are_batched(monkeypatch, arch):
+    """Factors as linear layers, magnitudes by their own rule; GPT-2's Conv1D base layers store
+    the weight transposed (PEFT's fan_in_fan_out)."""
+    model = tiny_lora_model(arch, use_dora=True)
     params = adapter_parameters(model)
-    assert claim_rules(model, params) == []
+    rules = claim_rules(model, params)
+    magnitudes = {key for key in params if "lora_magnitude_vector" in key}
+    assert {k for r in rules if type(r) is DoraMagnitudeRule for k in r.keys} == magnitudes
+    assert {k for r in rules for k in r.keys} == set(params)
+    no_per_example_loop(monkeypatch)
+    batches = padded_batches(n_rows=6, batch_size=3)
+    result = fisher_scores(model, batches, params, num_samples=6, progress=False)
+    assert max_relative_error(result.scores, reference_fisher(model, batches, params, 6)) < 1e-4
+
+
+def test_dora_on_an_embedding_is_left_to_the_generic_path():
+    model = tiny_lora_model("llama", use_dora=True, extra_targets=("embed_tokens",))
+    params = adapter_parameters(model)
+    covered = {key for rule in claim_rules(model, params) for key in rule.keys}
+    embedding = {key for key in params if "embed_tokens" in key}
+    assert len(embedding) == 3 and not covered & embedding
+    assert covered | embedding == set(params)
 
 
 def test_a_layer_that_is_not_affine_in_its_weight_is_refused():

@@ -247,7 +247,7 @@ def dora_model() -> nn.Module:
         (lora_model, FishMaskConfig(keep_ratio=0.2, strategy="random"), None),
         (lora_model, FishMaskConfig(keep_ratio=0.2, warmup_steps=2), "dense warm-up"),
         (tiny_base_model, CONFIG, "full-parameter mode"),
-        (dora_model, CONFIG, "q_proj.lora_A.weight' (12 in all)"),
+        (dora_model, CONFIG, "q_proj.lora_magnitude_vector' (4 in all)"),
         (lambda: tiny_lora_model(extra_targets=("embed_tokens",)), CONFIG, "lora_embedding"),
     ],
     ids=["lora", "random", "warm-up", "full-parameter", "dora", "lora-embedding"],
@@ -274,7 +274,7 @@ def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
         assert not scores_after_sharding(offload, lora_model(), CONFIG)
     assert "on one device: fsdp_config.offload_params keeps the sharded" in caplog.text
     forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
-    with pytest.raises(ValueError, match="score_after_sharding: true, but tensor .*lora_A"):
+    with pytest.raises(ValueError, match="true, but tensor .*lora_magnitude_vector"):
         scores_after_sharding(FSDP2_CFG, dora_model(), forced)
     # Only rank 0 loads weights: the mask can only be made after sharding.
     efficient = DictDefault({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}})
