@@ -532,10 +532,11 @@ def _dora_linear(layer: nn.Module, adapter: str) -> nn.Module | None:
 class DoraMagnitudeRule(FisherRule):
     """The magnitude vector m of DoRA on a linear layer. PEFT adds r = (m / n - 1) * base +
     (m / n) * s * B(A(x)) to the base output, the weight norm n detached: r is linear in m, so
-    d r_t / d m = r_t(m = 1) - r_t(m = 0) - read off the magnitude module itself, called with m set
-    to 1 and to 0 (as `NormRule` reads a norm) - and the per-example gradient is
-    sum_t g_t * that slope."""
+    d r_t / d m = (r_t - r_t(m = 0)) / m, with r_t recorded and r_t(m = 0) read off the magnitude
+    module itself, called with m set to 0 (as `NormRule` reads a norm; where some m is 0, the
+    slope is r_t(m = 1) - r_t(m = 0)), and the per-example gradient is sum_t g_t * that slope."""
 
+    needs_output = True
     reads_values = True
 
     def __init__(self, layer: nn.Module, magnitude: nn.Module, adapter: str, key: str) -> None:
@@ -583,5 +584,9 @@ class DoraMagnitudeRule(FisherRule):
                 ]
             return torch.cat(outputs, dim=1).float()
 
-        slope = probe(1.0) - probe(0.0)
+        at_zero = probe(0.0)
+        if bool((weight == 0).any()):
+            slope = probe(1.0) - at_zero
+        else:
+            slope = (_cat(module_calls, "output", rows) - at_zero) / weight.float()
         scores[self.keys[0]].add_((g * slope).sum(dim=1).square().sum(dim=0))

@@ -219,12 +219,18 @@ def test_plain_linear_layers_of_any_adapter_are_claimed(monkeypatch):
     assert max_relative_error(result.scores, reference_fisher(model, batches, params, 6)) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_dora_linear_layers_are_batched(monkeypatch, arch):
+@pytest.mark.parametrize(
+    ("arch", "zero_magnitude"), [("llama", False), ("gpt2", False), ("llama", True)]
+)
+def test_dora_linear_layers_are_batched(monkeypatch, arch, zero_magnitude):
     """Factors as linear layers, magnitudes by their own rule; GPT-2's Conv1D base layers store
-    the weight transposed (PEFT's fan_in_fan_out)."""
+    the weight transposed (PEFT's fan_in_fan_out); a magnitude entry at 0 (the slope cannot be
+    divided out of the output there)."""
     model = tiny_lora_model(arch, use_dora=True)
     params = adapter_parameters(model)
+    if zero_magnitude:
+        with torch.no_grad():
+            next(p for key, p in params.items() if "lora_magnitude_vector" in key)[3] = 0.0
     rules = claim_rules(model, params)
     magnitudes = {key for key in params if "lora_magnitude_vector" in key}
     assert {k for r in rules if type(r) is DoraMagnitudeRule for k in r.keys} == magnitudes
