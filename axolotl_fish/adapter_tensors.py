@@ -82,8 +82,10 @@ def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
     """Every trainable parameter of a PEFT model, keyed by its name in the saved adapter.
 
-    The mapping comes from PEFT's own `get_peft_model_state_dict` (matched by storage), so it
-    follows PEFT's naming rules for LoRA, DoRA, embeddings and modules_to_save alike.
+    The mapping comes from PEFT's own `get_peft_model_state_dict`, given the parameters
+    themselves (`keep_vars`) and matched by identity, so it follows PEFT's naming rules for LoRA,
+    DoRA, embeddings and modules_to_save alike, also for tensors without storage of their own
+    (the meta device, where every storage address is 0).
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -91,11 +93,16 @@ def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> dict[
     if not trainable:
         raise ValueError("The model has no trainable parameters: is a PEFT adapter attached?")
     # save_embedding_layers=False: "auto" may look up the base model's config on a model hub.
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-    saved_key = {tensor.data_ptr(): key for key, tensor in state.items()}
+    state = get_peft_model_state_dict(
+        model,
+        state_dict=model.state_dict(keep_vars=True),
+        adapter_name=adapter_name,
+        save_embedding_layers=False,
+    )
+    saved_key = {id(tensor): key for key, tensor in state.items()}
     params: dict[str, nn.Parameter] = {}
     for name, param in trainable.items():
-        key = saved_key.get(param.data_ptr())
+        key = saved_key.get(id(param))
         if key is None:
             raise ValueError(
                 f"Trainable parameter {name!r} is not part of the saved adapter "

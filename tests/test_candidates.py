@@ -30,6 +30,19 @@ def expected_candidates(keys) -> set[str]:
     }
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, {"use_dora": True, "modules_to_save": ["lm_head"]}], ids=["lora", "dora"]
+)
+def test_adapter_keys_are_found_on_the_meta_device(settings):
+    """Tensors without storage (every address 0: Axolotl's rank-0-only loading puts weights on
+    the meta device) get the same saved keys as real ones."""
+    real = adapter_parameters(tiny_lora_model(**settings))
+    with torch.device("meta"):
+        meta = adapter_parameters(tiny_lora_model(**settings))
+    assert all(p.is_meta for p in meta.values())
+    assert {key: p.shape for key, p in meta.items()} == {key: p.shape for key, p in real.items()}
+
+
 def test_include_then_exclude_by_re_search():
     params = adapter_parameters(tiny_lora_model())
     chosen = select_candidates(params, INCLUDE, EXCLUDE)
