@@ -19,8 +19,8 @@ from axolotl_fish.sharded import is_sharded
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every trainable tensor, keyed by its name in the saved adapter (PEFT model) or in the
-    saved model (any other model: full-parameter mode). Refused for a model FSDP2 has sharded,
-    whose state dict no longer holds its parameters: take the names before sharding."""
+    saved model (any other model: full-parameter mode). Refused for a model FSDP2 has sharded:
+    the keys are taken before sharding and followed by name (`sharded.names_of`)."""
     sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
     if sharded is not None:
         raise ValueError(
