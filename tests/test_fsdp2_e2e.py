@@ -228,6 +228,30 @@ def test_rank_zero_only_loading_trains_as_the_fully_loaded_run(lora_runs, effici
         torch.testing.assert_close(final[key], reference[key], msg=key)
 
 
+def test_dora_scores_before_sharding_and_trains_only_its_mask(
+    tmp_path_factory, tiny_llama_dir, alpaca_jsonl
+):
+    """DoRA's magnitude rule reads parameter values, so the plugin scores before FSDP2 shards
+    the model (saying why) and the callback follows the tensors into their shards."""
+    tmp = tmp_path_factory.mktemp("fsdp2_dora")
+    dora = {**LORA, "peft_use_dora": True}
+    log = train_fsdp2(write_config(tmp, tiny_llama_dir, alpaca_jsonl, **dora, **FSDP2, max_steps=4))
+    assert "scoring before FSDP2 shards the model, on one device: tensor" in log
+    out = tmp / "out"
+    mask = FishMask.load(out)
+    assert held_digests(log) == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}
+    assert any("lora_magnitude_vector" in key and keep.any() for key, keep in mask.masks.items())
+    checkpoint_2 = gathered_weights(out / "checkpoint-2", tmp)
+    final = load_adapter_tensors(out)
+    moved = 0
+    for key, keep in mask.masks.items():
+        assert torch.equal(final[key][~keep], checkpoint_2[key][~keep]), key
+        if "lora_B" in key:
+            assert not final[key][~keep].any(), key
+        moved += int((final[key][keep] != checkpoint_2[key][keep]).sum())
+    assert moved > 0
+
+
 def test_resume_keeps_the_checkpoint_s_mask(lora_runs):
     tmp, _, resumed, _, _ = lora_runs
     mask = FishMask.load(tmp / "out")
