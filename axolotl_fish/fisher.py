@@ -135,6 +135,7 @@ def fisher_scores(
     seen = 0
     bad_batch: tuple[int, int] | None = None
     filler: dict[str, torch.Tensor] | None = None
+    scratch: dict[str, torch.Tensor] = {}  # a follower's scores, dropped
     was_training = model.training
     model.eval()
     bar = tqdm(total=wanted, unit="example", desc="Fisher pass", disable=not progress)
@@ -147,7 +148,8 @@ def fisher_scores(
                 if not (any_rank(more, device) if lockstep else more):
                     break
                 if batch is None:  # another rank still reads: the same collectives, no scores
-                    _follow(taps, model, filler, scores)
+                    scratch = scratch or {key: torch.zeros_like(t) for key, t in scores.items()}
+                    _follow(taps, model, filler, scratch)
                     continue
                 rows = batch["input_ids"].shape[0]
                 if taps.rules:
@@ -197,17 +199,16 @@ def _follow(
     taps: RuleTaps,
     model: nn.Module,
     batch: Mapping[str, torch.Tensor] | None,
-    scores: Mapping[str, torch.Tensor],
+    scratch: dict[str, torch.Tensor],
 ) -> None:
     """A rank that has read its share while others still read: run the same forward and
-    backward (FSDP2's gathers) on a batch it already scored, adding to a scratch copy."""
+    backward (FSDP2's gathers) on a batch it already scored, adding to `scratch`."""
     if batch is None:
         rank, _ = rank_and_world()
         raise ValueError(
             f"Fisher pass: rank {rank} has no training example with label tokens while other "
             f"ranks do; every rank needs at least one."
         )
-    scratch = {key: torch.zeros_like(score) for key, score in scores.items()}
     _check_whole(taps.accumulate(partial(_example_losses, model, batch, 0, None), scratch), True)
 
 

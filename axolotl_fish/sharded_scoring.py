@@ -33,6 +33,8 @@ SCORERS_FOR_SHARDED = frozenset({"fisher", "reverse", "random"})
 
 # `score(prepared model, its trainable tensors keyed like the saved adapter)` -> the mask.
 MaskScorer = Callable[[nn.Module, Mapping[str, nn.Parameter]], FishMask]
+# `adopt(mask, its SHA-256)`, once every rank is known to hold that mask.
+MaskAdopter = Callable[[FishMask, str], None]
 
 
 def why_not_after_sharding(model: nn.Module, config: FishMaskConfig) -> str | None:
@@ -65,15 +67,18 @@ def why_not_after_sharding(model: nn.Module, config: FishMaskConfig) -> str | No
 class ScoredWhenTrainingStarts(FishMaskCallback):
     """A `FishMaskCallback` whose mask is made in `on_train_begin`, by `score`, on the model the
     Trainer prepared (under FSDP2: sharded). Construct it before `trainer.train()`, with the
-    model not yet wrapped: its tensors' names are taken then, to find them again after."""
+    model not yet wrapped: its tensors' names are taken then, to find them again after.
+    `adopt`, if given, receives the mask and its digest once every rank is known to hold it."""
 
-    def __init__(self, model: nn.Module, score: MaskScorer) -> None:
+    def __init__(
+        self, model: nn.Module, score: MaskScorer, adopt: MaskAdopter | None = None
+    ) -> None:
         if trains_own_weights(model):
             raise ValueError(
                 "fish_mask: a full-parameter mask must exist before the model is wrapped; "
                 "compute it first and use FishMaskCallback."
             )
-        self._score = score
+        self._score, self._adopt = score, adopt
         self._trainable_names = names_of(model, trainable_parameters(model))
         self.mask = None
         self._begin = self._score_then_begin  # called by `on_train_begin`
@@ -82,5 +87,8 @@ class ScoredWhenTrainingStarts(FishMaskCallback):
         if prepared is None:
             raise ValueError("fish_mask: the Trainer passed no model to score when training starts")
         trainable = parameters_by_name(prepared, self._trainable_names)
-        self._setup(prepared, self._score(prepared, trainable), trainable, sparse=False)
+        mask = self._score(prepared, trainable)
+        self._setup(prepared, mask, trainable, sparse=False)
+        if self._adopt is not None:
+            self._adopt(mask, self.digest)
         self._begin(prepared)  # the mask's own start, which `_setup` put in place

@@ -222,6 +222,8 @@ def test_rank_zero_only_loading_trains_as_the_fully_loaded_run(lora_runs, effici
     assert held_digests(first) == held_digests(resumed) == held_digests(lora_runs[1])
     mask = FishMask.load(out)
     assert mask_digest(mask.masks) == mask_digest(FishMask.load(tmp / "out").masks)
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        assert_really_sharded(out / checkpoint, mask, split="lora_B")
     final, reference = load_adapter_tensors(out), load_adapter_tensors(tmp / "out")
     for key in mask.masks:
         torch.testing.assert_close(efficient_checkpoint_2[key], checkpoint_2[key], msg=key)

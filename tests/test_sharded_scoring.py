@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from axolotl_fish import FishMask, FishMaskConfig, compute_fish_mask
 from axolotl_fish.adapter_tensors import trainable_parameters
 from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
+from axolotl_fish.distributed import mask_digest
 from axolotl_fish.integration.scoring_device import scores_after_sharding
 from axolotl_fish.sharded import names_of, parameters_by_name
 from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
@@ -106,7 +107,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 prepared, SHARES[rank], CONFIG, progress=False, trainable=trainable
             )
 
-        callback = ScoredWhenTrainingStarts(model, score)
+        adopted: list[tuple[FishMask, str]] = []
+        callback = ScoredWhenTrainingStarts(model, score, lambda *mask: adopted.append(mask))
         names = names_of(model, trainable_parameters(model))
         shard(model)
         chunked = compute_fish_mask(  # two passes in lockstep, labels drawn from the model
@@ -131,6 +133,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         final = {key: p.full_tensor() for key, p in params.items()}
         run = {"initial": initial, "final": final, "requires_grad": requires_grad}
         run |= {"with_state": with_state, "mask": callback.digest}
+        run["adopted"] = [(mask is callback.mask, digest) for mask, digest in adopted]
         run |= {"chunked": chunked.masks, "chunked_examples": chunked.metadata["num_examples"]}
         try:  # a LoRA embedding's rule reads A and B themselves: not from slices
             embedded = tiny_lora_model(extra_targets=("embed_tokens",))
@@ -197,7 +200,8 @@ def test_the_sharded_mask_is_one_process_s_over_the_same_examples(sharded_runs):
     assert saved.k == single.k
     for key, keep in single.masks.items():
         assert torch.equal(saved.masks[key], keep), key
-    assert ranks[0]["mask"] == ranks[1]["mask"]
+    assert ranks[0]["mask"] == ranks[1]["mask"] == mask_digest(saved.masks)
+    assert ranks[0]["adopted"] == [(True, ranks[0]["mask"])]  # reported once, after the check
     assert all("lora_A" not in key for key, keep in saved.masks.items() if keep.any())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -16,7 +17,7 @@ from axolotl_fish.adapter_tensors import trains_own_weights
 from axolotl_fish.callback import FishMaskCallback
 from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.distributed import check_identical_across_ranks, rank_and_world
+from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
@@ -99,13 +100,13 @@ class FishMaskPlugin(BasePlugin):
         config = FishMaskConfig(**cfg.fish_mask)
         source = _resume_mask_path(cfg) or _mask_path(config)
         if source is None and scores_after_sharding(cfg, trainer.model, config):
-
-            def score(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> FishMask:
-                mask = _computed_mask(trainer, config, model, trainable)
-                self._adopt(trainer, mask, check_identical_across_ranks(mask.masks))
-                return mask
-
-            trainer.add_callback(ScoredWhenTrainingStarts(trainer.model, score))
+            trainer.add_callback(
+                ScoredWhenTrainingStarts(
+                    trainer.model,
+                    partial(_computed_mask, trainer, config),
+                    partial(self._adopt, trainer),
+                )
+            )
             return
         if source is None:
             mask = _computed_mask(trainer, config, trainer.model)
