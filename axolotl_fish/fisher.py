@@ -117,8 +117,8 @@ def fisher_scores(
     path: the reference the batched path is tested against.
     Under torch.distributed each rank reads its share of `num_samples` from its own batches and
     the scores are summed over ranks, so every rank ends with the same scores. Parameters FSDP2
-    has sharded are scored by the batched rules that read no parameter values (any other tensor
-    is refused), every rank running as many forwards and backwards as the busiest one.
+    has sharded are scored by the batched rules only (a tensor left to the one-example path is
+    refused), every rank running as many forwards and backwards as the busiest one.
     """
     start = time.perf_counter()
     taps = RuleTaps(model, params if batched else {})

@@ -19,9 +19,9 @@ adapter type). A rule whose recorded calls turn out not to be per-example (a fir
 other than the batch's rows, e.g. GPT-2's position embedding, looked up once for all rows) is
 dropped after the first micro-batch and its tensors go to the generic path.
 
-Parameters FSDP2 has sharded (each rank holds a slice) can be scored by the rules that read only
-shapes and dtypes of the parameters, never their values (`FisherRule.reads_values`): the
-recorded inputs and output gradients are whole on every rank.
+Every rule also scores parameters FSDP2 has sharded (each rank holds a slice): the recorded inputs
+and output gradients are whole on every rank, and a rule that reads parameter values
+(`FisherRule.reads_values`) reads them during backward, while FSDP2 holds the layer gathered.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ class FisherRule(ABC):
     input_ndim = 3
     # Whether `add` reads the calls' outputs; if no rule of a module does, they are not kept.
     needs_output = False
-    # Whether `add` reads parameter values (not only shapes and dtypes): such a rule cannot score
-    # parameters FSDP2 has sharded, since each rank holds only a slice of them.
+    # Whether `add` reads parameter values of its modules (not only shapes and dtypes): whole only
+    # while FSDP2 holds them gathered, during the backward that hands the rule its calls.
     reads_values = False
 
     @classmethod
@@ -135,16 +135,13 @@ def register_rule(rule: type[FisherRule]) -> type[FisherRule]:
 
 
 def claim_rules(model: nn.Module, params: Mapping[str, nn.Parameter]) -> list[FisherRule]:
-    """Every rule that claims candidate tensors of `model`; each tensor is claimed at most once,
-    and a sharded one only by a rule that does not read parameter values."""
+    """Every rule that claims candidate tensors of `model`; each tensor is claimed at most once."""
     candidates = Candidates.of(model, params)
     rules = []
     for module in model.modules():
         for rule_class in RULES:
             rule = rule_class.claim(module, candidates)
-            if rule is not None and not (
-                rule.reads_values and any(is_sharded(params[key]) for key in rule.keys)
-            ):
+            if rule is not None:
                 candidates.claimed.update(rule.keys)
                 rules.append(rule)
     return rules
@@ -518,23 +515,26 @@ def _lora_variant_modules(model: nn.Module) -> set[nn.Module]:
 
 
 def _dora_linear(layer: nn.Module, adapter: str) -> nn.Module | None:
-    """The magnitude module of `adapter` if it is DoRA on a linear LoRA layer, else None."""
+    """The magnitude module of `adapter` if it is DoRA on a linear LoRA layer, else None (also
+    when FSDP2 wrapped it on its own, as Axolotl does: its class is then a subclass)."""
     from peft.tuners.lora.dora import DoraLinearLayer
     from peft.tuners.lora.variants import DoraLinearVariant
 
     if not isinstance(layer.lora_variant.get(adapter), DoraLinearVariant):
         return None
     magnitude = layer.lora_magnitude_vector[adapter]
-    return magnitude if type(magnitude) is DoraLinearLayer else None
+    return magnitude if _plain(magnitude, DoraLinearLayer) else None
 
 
 @register_rule
 class DoraMagnitudeRule(FisherRule):
     """The magnitude vector m of DoRA on a linear layer. PEFT adds r = (m / n - 1) * base +
-    (m / n) * s * B(A(x)) to the base output, the weight norm n detached: r is linear in m, so
-    d r_t / d m = (r_t - r_t(m = 0)) / m, with r_t recorded and r_t(m = 0) read off the magnitude
-    module itself, called with m set to 0 (as `NormRule` reads a norm; where some m is 0, the
-    slope is r_t(m = 1) - r_t(m = 0)), and the per-example gradient is sum_t g_t * that slope."""
+    (m / n) * s * B(A(x)) to the base output (base = x W^T, no bias), the weight norm n
+    detached: r is linear in m, and r(m = 0) = -base, so d r_t / d m = (r_t + base_t) / m from
+    the recorded r_t and the base weight alone, and the per-example gradient is sum_t g_t * that
+    slope. Where some m is 0 the slope is r_t(m = 1) + base_t, read off the magnitude module
+    itself, called with m set to 1 (as `NormRule` reads a norm); that call needs the LoRA
+    factors, which FSDP2 holds gathered only if it did not shard them on their own."""
 
     needs_output = True
     reads_values = True
@@ -563,30 +563,47 @@ class DoraMagnitudeRule(FisherRule):
     @torch.no_grad()
     def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
         [module_calls] = calls.values()
-        [magnitude] = self.modules
-        layer, adapter = self.layer, self.adapter
+        weight = self.modules[0].weight
         rows = module_calls[0].input.shape[0]
         g = _cat(module_calls, "grad", rows)
-        weight = magnitude.weight
-
-        def probe(value: float) -> torch.Tensor:
-            with _swapped(magnitude, {"weight": torch.full_like(weight, value)}):
-                outputs = [
-                    magnitude(
-                        call.input,
-                        lora_A=layer.lora_A[adapter],
-                        lora_B=layer.lora_B[adapter],
-                        scaling=layer.scaling[adapter],
-                        base_layer=layer.get_base_layer(),
-                        adapter_name=adapter,
-                    ).reshape(rows, -1, g.shape[-1])
-                    for call in module_calls
-                ]
-            return torch.cat(outputs, dim=1).float()
-
-        at_zero = probe(0.0)
+        base = torch.cat(
+            [self._base(call.input).reshape(rows, -1, g.shape[-1]) for call in module_calls], 1
+        )
         if bool((weight == 0).any()):
-            slope = probe(1.0) - at_zero
+            slope = self._output_at_one(module_calls, rows, g.shape[-1]) + base
         else:
-            slope = (_cat(module_calls, "output", rows) - at_zero) / weight.float()
+            slope = (_cat(module_calls, "output", rows) + base) / weight.float()
         scores[self.keys[0]].add_((g * slope).sum(dim=1).square().sum(dim=0))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output without bias, as PEFT's DoRA forms it."""
+        from peft.utils.integrations import dequantize_module_weight
+        from peft.utils.other import transpose
+
+        weight = dequantize_module_weight(self.layer.get_base_layer()).to(x.dtype)
+        return F.linear(x, transpose(weight, self.modules[0].fan_in_fan_out)).float()
+
+    def _output_at_one(self, module_calls: list[Call], rows: int, features: int) -> torch.Tensor:
+        """r_t with m set to 1, from the magnitude module itself."""
+        [magnitude] = self.modules
+        layer, adapter = self.layer, self.adapter
+        factors = (layer.lora_A[adapter], layer.lora_B[adapter])
+        if any(is_sharded(p) for factor in factors for p in factor.parameters()):
+            raise RuntimeError(
+                f"Fisher pass: DoRA magnitude {self.keys[0]!r} holds zeros, and FSDP2 has sharded "
+                f"its LoRA factors on their own: their values are not at hand. Score before "
+                f"sharding (fish_mask.score_after_sharding: false)."
+            )
+        with _swapped(magnitude, {"weight": torch.ones_like(magnitude.weight)}):
+            outputs = [
+                magnitude(
+                    call.input,
+                    lora_A=factors[0],
+                    lora_B=factors[1],
+                    scaling=layer.scaling[adapter],
+                    base_layer=layer.get_base_layer(),
+                    adapter_name=adapter,
+                ).reshape(rows, -1, features)
+                for call in module_calls
+            ]
+        return torch.cat(outputs, dim=1).float()

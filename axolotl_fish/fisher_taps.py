@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from axolotl_fish.fisher_rules import Call, FisherRule, claim_rules
+from axolotl_fish.sharded import is_sharded
 
 LOG = logging.getLogger(__name__)
 
@@ -58,8 +59,12 @@ class RuleTaps:
         for rule in self.rules:
             for module in rule.modules:
                 self._rules_of[module].append(rule)
+        # Before FSDP2's own forward hook: the pre-backward hook it puts on the output (gathering
+        # a module it sharded on its own, as Axolotl shards LoRA factors, DoRA magnitudes and
+        # LoRA embeddings) then fires before the tap hands the output's gradient to a rule.
         self._handles = {
-            module: module.register_forward_hook(self._record) for module in self._rules_of
+            module: module.register_forward_hook(self._record, prepend=True)
+            for module in self._rules_of
         }
         # Per module, its calls of the current micro-batch: [input, output (only where a rule
         # needs it), output gradient].
@@ -131,6 +136,7 @@ class RuleTaps:
             LOG.info(f"Fisher pass: {rule.keys} are not used per example; generic path")
             self._drop(rule)
         elif any(calls.values()):
+            check_gathered(rule)
             rule.add(calls, self._scores)
         for module in rule.modules:
             if not any(other in self._waiting for other in self._rules_of.get(module, ())):
@@ -150,3 +156,14 @@ class RuleTaps:
     def remove(self) -> None:
         for handle in self._handles.values():
             handle.remove()
+
+
+def check_gathered(rule: FisherRule) -> None:
+    """A rule that reads parameter values needs them whole: under FSDP2, only while its layer
+    is gathered (during its backward, not after: calls whose output never reached the loss)."""
+    if rule.reads_values and any(is_sharded(p) for m in rule.modules for p in m.parameters()):
+        raise RuntimeError(
+            f"Fisher pass: {rule.keys} are scored from their values, which FSDP2 has resharded "
+            f"by the time their gradient arrived. Score before sharding "
+            f"(fish_mask.score_after_sharding: false) or leave them out (fish_mask.exclude)."
+        )

@@ -3,10 +3,11 @@ callback that makes it when training starts.
 
 Before sharding, the Fisher pass needs the whole model on one device. After it, each rank gathers
 one layer at a time, as training does, and the batched Fisher rules record layer inputs and
-output gradients, which every rank holds whole: no device ever holds the whole model. That serves
-every candidate a rule claims without reading parameter values (`FisherRule.reads_values`), the
-built-in scorers, which read nothing else, and adapters only: full-parameter mode registers the
-value vectors of its selected entries before the model is wrapped.
+output gradients, which every rank holds whole, and read parameter values (norms, DoRA
+magnitudes, LoRA embeddings) during that layer's backward, while it is gathered: no device ever
+holds the whole model. That serves every candidate a rule claims, the built-in scorers, which
+read nothing else, and adapters only: full-parameter mode registers the value vectors of its
+selected entries before the model is wrapped.
 
 The Trainer shards the model inside `train()`, after it built the optimizer over every trainable
 tensor. So the mask is made in `on_train_begin`; tensors with no selected entry then stop
@@ -52,14 +53,12 @@ def why_not_after_sharding(model: nn.Module, config: FishMaskConfig) -> str | No
     if config.strategy == "random":
         return None
     params = select_candidates(trainable_parameters(model), config.include, config.exclude)
-    batched = {
-        key for rule in claim_rules(model, params) if not rule.reads_values for key in rule.keys
-    }
+    batched = {key for rule in claim_rules(model, params) for key in rule.keys}
     whole = [key for key in params if key not in batched]
     if whole:
         return (
-            f"tensor {whole[0]!r} ({len(whole)} in all) is scored from its values or one "
-            f"example at a time, which needs it whole on one device"
+            f"tensor {whole[0]!r} ({len(whole)} in all) is scored one example at a time, which "
+            f"needs it whole on one device"
         )
     return None
 

@@ -230,15 +230,15 @@ def test_rank_zero_only_loading_trains_as_the_fully_loaded_run(lora_runs, effici
         torch.testing.assert_close(final[key], reference[key], msg=key)
 
 
-def test_dora_scores_before_sharding_and_trains_only_its_mask(
+def test_dora_scores_after_sharding_and_trains_only_its_mask(
     tmp_path_factory, tiny_llama_dir, alpaca_jsonl
 ):
-    """DoRA's magnitude rule reads parameter values, so the plugin scores before FSDP2 shards
-    the model (saying why) and the callback follows the tensors into their shards."""
+    """DoRA's magnitude rule reads parameter values: on the sharded model it reads them while
+    FSDP2 holds each layer gathered for its backward."""
     tmp = tmp_path_factory.mktemp("fsdp2_dora")
     dora = {**LORA, "peft_use_dora": True}
     log = train_fsdp2(write_config(tmp, tiny_llama_dir, alpaca_jsonl, **dora, **FSDP2, max_steps=4))
-    assert "scoring before FSDP2 shards the model, on one device: tensor" in log
+    assert "computed when training starts, on the model FSDP2 has sharded" in log
     out = tmp / "out"
     mask = FishMask.load(out)
     assert held_digests(log) == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}

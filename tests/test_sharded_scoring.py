@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from axolotl.utils.dict import DictDefault
 from axolotl_run import free_port
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -35,6 +36,8 @@ from axolotl_fish import FishMask, FishMaskConfig, compute_fish_mask
 from axolotl_fish.adapter_tensors import trainable_parameters
 from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
 from axolotl_fish.distributed import mask_digest
+from axolotl_fish.fisher_rules import claim_rules
+from axolotl_fish.fisher_taps import check_gathered
 from axolotl_fish.integration.scoring_device import scores_after_sharding
 from axolotl_fish.sharded import names_of, parameters_by_name
 from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
@@ -61,12 +64,40 @@ def shard(model: nn.Module) -> None:
     fully_shard(model, mesh=mesh)
 
 
-# Other adapters whose candidates are all in linear layers: a `modules_to_save` copy of the head
-# beside LoRA, and bottleneck adapters (zero-initialised up-projections: ties, drawn by seed).
+def dora_model(*targets: str) -> nn.Module:
+    targets = ["q_proj", "v_proj", *targets]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True)
+    return get_peft_model(tiny_base_model(), config)
+
+
+def shard_like_axolotl(model: nn.Module) -> None:
+    """Axolotl's FSDP2 layout: every LoRA factor, DoRA magnitude and LoRA embedding layer is a
+    group of its own, gathered for its own forward and backward only; then as `shard`."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+        for part in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            for module in part.values():
+                fully_shard(module, mesh=mesh)
+        if layer.lora_embedding_A:
+            fully_shard(layer, mesh=mesh)
+    shard(model)
+
+
+# Other adapters: a `modules_to_save` copy of the head beside LoRA, bottleneck adapters
+# (zero-initialised up-projections: ties, drawn by seed), and tensors whose rules read their
+# values during the layer's backward: DoRA magnitudes, LoRA embedding factors, norm weights
+# (`modules_to_save` copies of every `...norm`).
+# Each tensor ranked on its own (`per_tensor`), so every value-reading rule's ranking is compared.
+PER_TENSOR = FishMaskConfig(keep_ratio=0.2, num_samples=64, scope="per_tensor")
 OTHER_ADAPTERS = {
     "modules_to_save": lambda: tiny_lora_model(nonzero_b=False, modules_to_save=["lm_head"]),
     "bottleneck": lambda: add_bottleneck(tiny_base_model(), BottleneckConfig(size=4)),
     "activation checkpointing": lora_model,  # layers wrapped below, as Axolotl's FSDP2 does
+    "dora": dora_model,
+    "lora embedding": lambda: tiny_lora_model(extra_targets=("embed_tokens",)),
+    "norms": lambda: tiny_lora_model(modules_to_save=["norm"]),
+    "dora, Axolotl's layout": dora_model,
+    "lora embedding, Axolotl's layout": lambda: tiny_lora_model(extra_targets=("embed_tokens",)),
 }
 
 
@@ -135,8 +166,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         run |= {"with_state": with_state, "mask": callback.digest}
         run["adopted"] = [(mask is callback.mask, digest) for mask, digest in adopted]
         run |= {"chunked": chunked.masks, "chunked_examples": chunked.metadata["num_examples"]}
-        try:  # a LoRA embedding's rule reads A and B themselves: not from slices
-            embedded = tiny_lora_model(extra_targets=("embed_tokens",))
+        try:  # DoRA on an embedding takes the one-example path: not on slices
+            embedded = dora_model("embed_tokens")
             names = names_of(embedded, trainable_parameters(embedded))
             shard(embedded)
             trainable = parameters_by_name(embedded, names)
@@ -162,26 +193,45 @@ def other_adapters_worker(rank: int, port: int, out_dir: str) -> None:
             names = names_of(model, trainable_parameters(model))
             if name == "activation checkpointing":
                 checkpoint_layers(model)
-            shard(model)
+            (shard_like_axolotl if "Axolotl's layout" in name else shard)(model)
             trainable = parameters_by_name(model, names)
             mask = compute_fish_mask(
-                model, SHARES[rank], CONFIG, progress=False, trainable=trainable
+                model, SHARES[rank], PER_TENSOR, progress=False, trainable=trainable
             )
             masks[name] = mask.masks
+            if name == "norms":  # outside a backward: sharded, a rule reading them refuses
+                norm_rule = next(r for r in claim_rules(model, trainable) if r.reads_values)
+                try:
+                    check_gathered(norm_rule)
+                except RuntimeError as err:
+                    masks["resharded"] = str(err)
+        zero = dora_model()  # a magnitude at 0 needs the factors, sharded on their own here
+        with torch.no_grad():
+            next(p for n, p in zero.named_parameters() if "magnitude" in n)[3] = 0.0
+        names = names_of(zero, trainable_parameters(zero))
+        shard_like_axolotl(zero)
+        try:
+            trainable = parameters_by_name(zero, names)
+            compute_fish_mask(zero, SHARES[rank], CONFIG, progress=False, trainable=trainable)
+        except RuntimeError as err:
+            masks["zero magnitude"] = str(err)
         torch.save(masks, f"{out_dir}/others{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_other_linear_adapters_score_on_the_sharded_model_as_in_one_process(tmp_path):
+def test_other_adapters_score_on_the_sharded_model_as_in_one_process(tmp_path):
     mp.spawn(other_adapters_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for name, build in OTHER_ADAPTERS.items():
-        single = compute_fish_mask(build(), BATCHES, CONFIG, progress=False).masks
+        single = compute_fish_mask(build(), BATCHES, PER_TENSOR, progress=False).masks
         for rank in range(WORLD):
-            sharded = torch.load(tmp_path / f"others{rank}.pt")[name]
-            assert set(sharded) == set(single), name
+            sharded = torch.load(tmp_path / f"others{rank}.pt")
+            assert set(sharded[name]) == set(single), name
             for key, keep in single.items():
-                assert torch.equal(sharded[key], keep), (name, key)
+                assert torch.equal(sharded[name][key], keep), (name, key)
+            assert "input_layernorm.weight" in sharded["resharded"], sharded["resharded"]
+            assert "FSDP2 has resharded" in sharded["resharded"]
+            assert "q_proj.lora_magnitude_vector' holds zeros" in sharded["zero magnitude"]
 
 
 @pytest.fixture(scope="module")
@@ -232,16 +282,11 @@ def test_only_selected_entries_train_though_the_optimizer_was_built_first(sharde
     assert ranks[0]["with_state"] == trained == ranks[1]["with_state"]
 
 
-def test_tensors_that_need_whole_values_are_refused_by_name(sharded_runs):
+def test_tensors_scored_one_example_at_a_time_are_refused_by_name(sharded_runs):
     _, ranks = sharded_runs
     for run in ranks:
-        assert "lora_embedding_A" in run["refused"] and "FSDP2 has sharded it" in run["refused"]
+        assert "embed_tokens.lora_" in run["refused"] and "FSDP2 has sharded it" in run["refused"]
         assert "already sharded" in run["unnamed"] and "names_of" in run["unnamed"]
-
-
-def dora_model() -> nn.Module:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
-    return get_peft_model(tiny_base_model(), config)
 
 
 @pytest.mark.parametrize(
@@ -251,10 +296,11 @@ def dora_model() -> nn.Module:
         (lora_model, FishMaskConfig(keep_ratio=0.2, strategy="random"), None),
         (lora_model, FishMaskConfig(keep_ratio=0.2, warmup_steps=2), "dense warm-up"),
         (tiny_base_model, CONFIG, "full-parameter mode"),
-        (dora_model, CONFIG, "q_proj.lora_magnitude_vector' (4 in all)"),
-        (lambda: tiny_lora_model(extra_targets=("embed_tokens",)), CONFIG, "lora_embedding"),
+        (dora_model, CONFIG, None),
+        (lambda: tiny_lora_model(extra_targets=("embed_tokens",)), CONFIG, None),
+        (partial(dora_model, "embed_tokens"), CONFIG, "embed_tokens.lora_embedding_A' (3 in all)"),
     ],
-    ids=["lora", "random", "warm-up", "full-parameter", "dora", "lora-embedding"],
+    ids=["lora", "random", "warm-up", "full-parameter", "dora", "lora-embedding", "dora-embedding"],
 )
 def test_why_not_after_sharding(model, config, reason):
     got = why_not_after_sharding(model(), config)
@@ -267,7 +313,8 @@ FSDP2_CFG = DictDefault({"fsdp_version": 2, "fsdp_config": {"reshard_after_forwa
 def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
     with caplog.at_level("INFO"):
         assert scores_after_sharding(FSDP2_CFG, lora_model(), CONFIG)
-        assert not scores_after_sharding(FSDP2_CFG, dora_model(), CONFIG)
+        assert scores_after_sharding(FSDP2_CFG, dora_model(), CONFIG)
+        assert not scores_after_sharding(FSDP2_CFG, dora_model("embed_tokens"), CONFIG)
         assert not scores_after_sharding(DictDefault({}), lora_model(), CONFIG)
     assert "computed when training starts" in caplog.text
     assert "scoring before FSDP2 shards the model, on one device: tensor" in caplog.text
@@ -278,13 +325,13 @@ def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
         assert not scores_after_sharding(offload, lora_model(), CONFIG)
     assert "on one device: fsdp_config.offload_params keeps the sharded" in caplog.text
     forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
-    with pytest.raises(ValueError, match="true, but tensor .*lora_magnitude_vector"):
-        scores_after_sharding(FSDP2_CFG, dora_model(), forced)
+    with pytest.raises(ValueError, match="true, but tensor .*embed_tokens.lora_embedding_A"):
+        scores_after_sharding(FSDP2_CFG, dora_model("embed_tokens"), forced)
     # Only rank 0 loads weights: the mask can only be made after sharding.
     efficient = DictDefault({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}})
     assert scores_after_sharding(efficient, lora_model(), CONFIG)
     with pytest.raises(ValueError, match="cpu_ram_efficient_loading: true needs the mask made af"):
-        scores_after_sharding(efficient, dora_model(), CONFIG)
+        scores_after_sharding(efficient, dora_model("embed_tokens"), CONFIG)
 
 
 def test_a_full_parameter_model_cannot_defer_its_mask():
