@@ -75,8 +75,9 @@ class FishMaskConfig(BaseModel):
         default=None,
         description="Under FSDP2 with an adapter: compute the mask when training starts, on the "
         "sharded model, so that no device must hold the whole model. Unset: whenever the run "
-        "allows it (built-in strategy, no warm-up, every candidate in a linear or embedding "
-        "layer); false: score before sharding, with the whole model on one device.",
+        "allows it (built-in strategy, no warm-up, every candidate scored by a batched rule: "
+        "not DoRA on embeddings); false: score before sharding, with the whole model on one "
+        "device.",
     )
     seed: int = Field(
         default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."
