@@ -29,7 +29,7 @@ $(CACHE)/.assets: $(VENV)/.installed
 	$(BIN)/python -m axolotl_fish.offline_assets --cache $(CACHE)
 	touch $@
 
-# Train (about 5 minutes on 2 idle cores), then compare the adapter with the base model on 300
+# Train (2 to 5 minutes on 2 idle cores, by machine), then compare the adapter with the base model on 300
 # held-out reviews and draw the mask as a PNG beside the adapter.
 DEMO_CONFIG := example_configs/smollm2_sentiment_fish.yaml
 demo: $(CACHE)/.assets
