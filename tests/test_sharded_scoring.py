@@ -97,6 +97,7 @@ OTHER_ADAPTERS = {
     "lora embedding": lambda: tiny_lora_model(extra_targets=("embed_tokens",)),
     "norms": lambda: tiny_lora_model(modules_to_save=["norm"]),
     "dora, Axolotl's layout": dora_model,
+    "dora, Axolotl's layout, activation checkpointing": dora_model,
     "lora embedding, Axolotl's layout": lambda: tiny_lora_model(extra_targets=("embed_tokens",)),
 }
 
@@ -191,7 +192,7 @@ def other_adapters_worker(rank: int, port: int, out_dir: str) -> None:
             model = build()
             assert why_not_after_sharding(model, CONFIG) is None
             names = names_of(model, trainable_parameters(model))
-            if name == "activation checkpointing":
+            if "activation checkpointing" in name:
                 checkpoint_layers(model)
             (shard_like_axolotl if "Axolotl's layout" in name else shard)(model)
             trainable = parameters_by_name(model, names)
