@@ -19,8 +19,10 @@ of them labelled, as in an instruction example). Needs the core only (no Axolotl
 - fsdp2: a full-parameter sparse step at the first `--keep` under FSDP2 on a 1-rank mesh (model
   and value vectors made on the CPU, then sharded onto the device, as in a plugin run), with
   masked entries checked unchanged, against the same step without FSDP2;
-- fisher_lora_fsdp2: fisher_lora's pass on the model FSDP2 sharded (1-rank mesh), as the plugin
-  scores LoRA under FSDP2, against the unsharded pass; their masks are checked equal.
+- fisher_lora_fsdp2: fisher_lora's pass on the model FSDP2 sharded (1-rank mesh; every LoRA
+  factor and DoRA magnitude a group of its own, as Axolotl shards them), as the plugin scores
+  adapters under FSDP2, against the unsharded pass; their masks are checked equal.
+`--dora` gives both LoRA sections DoRA adapters instead (magnitude vectors too).
 Variants run one after another, each on its own fresh model that is freed before the next, so
 each peak (the CUDA allocator's, reset after a warm-up run; on a CPU the process's peak RSS,
 which is only an upper bound) holds that variant alone. Times are medians of `--repeats` passes
@@ -49,6 +51,7 @@ from common import (
     reset_peak,
     timed,
 )
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from axolotl_fish.adapter_tensors import adapter_parameters, model_parameters
@@ -185,7 +188,7 @@ def free() -> None:
 
 
 def fisher_lora(args: argparse.Namespace, shape: str, record: Recorder) -> None:
-    model = add_lora(random_model(shape, args.device), 16, args.device)
+    model = add_lora(random_model(shape, args.device), 16, args.device, args.dora)
     params = adapter_parameters(model)
     batches = random_batches(args, model.config.vocab_size, args.samples)
     n = args.samples
@@ -283,8 +286,9 @@ def select_masks(
 
 
 def shard_one_rank(args: argparse.Namespace, model: nn.Module) -> None:
-    """`fully_shard` every decoder layer and the root onto `args.device`, on a 1-rank mesh of
-    this process (its process group made on first use)."""
+    """`fully_shard` every LoRA factor and DoRA magnitude (each a group of its own, as Axolotl
+    does), every decoder layer and the root onto `args.device`, on a 1-rank mesh of this
+    process (its process group made on first use)."""
     import os
 
     import torch.distributed as dist
@@ -297,9 +301,16 @@ def shard_one_rank(args: argparse.Namespace, model: nn.Module) -> None:
         backend = "nccl" if args.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
     mesh = init_device_mesh(args.device.split(":")[0], (1,))
+    lora_parts = [
+        part
+        for layer in model.modules()
+        if isinstance(layer, LoraLayer)
+        for parts in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+        for part in parts.values()
+    ]
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
+    for module in lora_parts + layers:
+        fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
@@ -314,7 +325,9 @@ def fisher_lora_fsdp2(args: argparse.Namespace, shape: str, record: Recorder) ->
     masks = {}
     for name in ("unsharded", "FSDP2 1 rank"):
         sharded = name != "unsharded"
-        model = add_lora(random_model(shape, "cpu" if sharded else args.device), 16, "cpu")
+        model = add_lora(
+            random_model(shape, "cpu" if sharded else args.device), 16, "cpu", args.dora
+        )
         if not sharded:
             model.to(args.device)
         params = adapter_parameters(model)
@@ -397,6 +410,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512, help="tokens per row")
     parser.add_argument("--answer", type=int, default=64, help="labelled tokens per row")
     parser.add_argument("--samples", type=int, default=32, help="examples in the LoRA Fisher pass")
+    parser.add_argument("--dora", action="store_true", help="DoRA in the LoRA Fisher sections")
     parser.add_argument("--keep", type=float, action="append", help="default: 0.005 and 0.02")
     parser.add_argument("--fisher-chunks", type=int, default=4, help="full_fisher's chunked pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up")
