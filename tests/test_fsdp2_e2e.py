@@ -230,19 +230,34 @@ def test_rank_zero_only_loading_trains_as_the_fully_loaded_run(lora_runs, effici
         torch.testing.assert_close(final[key], reference[key], msg=key)
 
 
-def test_dora_scores_after_sharding_and_trains_only_its_mask(
-    tmp_path_factory, tiny_llama_dir, alpaca_jsonl
+# Adapters whose Fisher rules read parameter values, and the tensor that shows it was scored.
+VALUE_READING = {
+    "dora": ({"peft_use_dora": True}, "lora_magnitude_vector"),
+    "lora embedding": (
+        {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        "lora_embedding_A",
+    ),
+}
+
+
+@pytest.mark.parametrize("adapter", VALUE_READING)
+def test_value_reading_adapters_score_after_sharding_and_train_only_their_mask(
+    adapter, tmp_path_factory, tiny_llama_dir, alpaca_jsonl
 ):
-    """DoRA's magnitude rule reads parameter values: on the sharded model it reads them while
-    FSDP2 holds each layer gathered for its backward."""
-    tmp = tmp_path_factory.mktemp("fsdp2_dora")
-    dora = {**LORA, "peft_use_dora": True}
-    log = train_fsdp2(write_config(tmp, tiny_llama_dir, alpaca_jsonl, **dora, **FSDP2, max_steps=4))
+    """DoRA's magnitude rule and the LoRA embedding rule read parameter values: on the sharded
+    model (Axolotl makes each LoRA factor, magnitude and LoRA embedding layer an FSDP2 group of
+    its own) they read them while FSDP2 holds the group gathered for its backward."""
+    tmp = tmp_path_factory.mktemp(f"fsdp2_{adapter.replace(' ', '_')}")
+    settings, scored = VALUE_READING[adapter]
+    config = write_config(
+        tmp, tiny_llama_dir, alpaca_jsonl, **LORA, **settings, **FSDP2, max_steps=4
+    )
+    log = train_fsdp2(config)
     assert "computed when training starts, on the model FSDP2 has sharded" in log
     out = tmp / "out"
     mask = FishMask.load(out)
     assert held_digests(log) == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}
-    assert any("lora_magnitude_vector" in key and keep.any() for key, keep in mask.masks.items())
+    assert any(scored in key and keep.any() for key, keep in mask.masks.items())
     checkpoint_2 = gathered_weights(out / "checkpoint-2", tmp)
     final = load_adapter_tensors(out)
     moved = 0
