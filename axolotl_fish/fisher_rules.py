@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from axolotl_fish.sharded import is_sharded
+from axolotl_fish.sharded import full_tensor
 
 # Largest per-example gradient block (elements) materialised at once.
 BLOCK_ELEMENTS = 1 << 25
@@ -532,9 +532,10 @@ class DoraMagnitudeRule(FisherRule):
     (m / n) * s * B(A(x)) to the base output (base = x W^T, no bias), the weight norm n
     detached: r is linear in m, and r(m = 0) = -base, so d r_t / d m = (r_t + base_t) / m from
     the recorded r_t and the base weight alone, and the per-example gradient is sum_t g_t * that
-    slope. Where some m is 0 the slope is r_t(m = 1) + base_t, read off the magnitude module
-    itself, called with m set to 1 (as `NormRule` reads a norm); that call needs the LoRA
-    factors, which FSDP2 holds gathered only if it did not shard them on their own."""
+    slope. Where some m is 0 the slope is (base_t + s B A x_t) / n instead, from the LoRA
+    factors' values: FSDP2 may have sharded those on their own (Axolotl does), so they are
+    gathered, a collective every rank reaches at the same point (they hold the same m and run
+    their backwards in lockstep)."""
 
     needs_output = True
     reads_values = True
@@ -570,40 +571,27 @@ class DoraMagnitudeRule(FisherRule):
             [self._base(call.input).reshape(rows, -1, g.shape[-1]) for call in module_calls], 1
         )
         if bool((weight == 0).any()):
-            slope = self._output_at_one(module_calls, rows, g.shape[-1]) + base
+            slope = self._slope_from_factors(_cat(module_calls, "input", rows).float(), base)
         else:
             slope = (_cat(module_calls, "output", rows) + base) / weight.float()
         scores[self.keys[0]].add_((g * slope).sum(dim=1).square().sum(dim=0))
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output without bias, as PEFT's DoRA forms it."""
-        from peft.utils.integrations import dequantize_module_weight
         from peft.utils.other import transpose
 
-        weight = dequantize_module_weight(self.layer.get_base_layer()).to(x.dtype)
+        weight = self._base_weight().to(x.dtype)
         return F.linear(x, transpose(weight, self.modules[0].fan_in_fan_out)).float()
 
-    def _output_at_one(self, module_calls: list[Call], rows: int, features: int) -> torch.Tensor:
-        """r_t with m set to 1, from the magnitude module itself."""
-        [magnitude] = self.modules
+    def _base_weight(self) -> torch.Tensor:
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(self.layer.get_base_layer())
+
+    def _slope_from_factors(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """d r_t / d m = (base_t + s B A x_t) / n, with n as PEFT computes it."""
         layer, adapter = self.layer, self.adapter
-        factors = (layer.lora_A[adapter], layer.lora_B[adapter])
-        if any(is_sharded(p) for factor in factors for p in factor.parameters()):
-            raise RuntimeError(
-                f"Fisher pass: DoRA magnitude {self.keys[0]!r} holds zeros, and FSDP2 has sharded "
-                f"its LoRA factors on their own: their values are not at hand. Score before "
-                f"sharding (fish_mask.score_after_sharding: false)."
-            )
-        with _swapped(magnitude, {"weight": torch.ones_like(magnitude.weight)}):
-            outputs = [
-                magnitude(
-                    call.input,
-                    lora_A=factors[0],
-                    lora_B=factors[1],
-                    scaling=layer.scaling[adapter],
-                    base_layer=layer.get_base_layer(),
-                    adapter_name=adapter,
-                ).reshape(rows, -1, features)
-                for call in module_calls
-            ]
-        return torch.cat(outputs, dim=1).float()
+        a, b = (full_tensor(f[adapter].weight).float() for f in (layer.lora_A, layer.lora_B))
+        scaling = layer.scaling[adapter]
+        norm = self.modules[0].get_weight_norm(self._base_weight().float(), b @ a, scaling)
+        return (base + scaling * F.linear(F.linear(x, a), b)) / norm

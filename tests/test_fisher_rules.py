@@ -220,7 +220,7 @@ def test_plain_linear_layers_of_any_adapter_are_claimed(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "zero_magnitude"), [("llama", False), ("gpt2", False), ("llama", True)]
+    ("arch", "zero_magnitude"), [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)]
 )
 def test_dora_linear_layers_are_batched(monkeypatch, arch, zero_magnitude):
     """Factors as linear layers, magnitudes by their own rule; GPT-2's Conv1D base layers store
