@@ -14,6 +14,9 @@ The protocol runs in phases, per task, in the order that settles the main questi
   c. grid      per method (benchmarks/quality_methods.py), seed 0, S steps, LRs from the ladder
                1e-4, 3e-4, 1e-3, 3e-3, 1e-2, ...: --lrs first, one more step past an edge while
                the best validation accuracy is at that edge
+  c'. plateau  for a further family's dense baseline (dense Adapter): the curve run again, at
+               its chosen LR, so the report shows whether S (from dense LoRA's curve) reaches
+               that baseline's plateau too; it does not change S
   d. seeds     the chosen LR (best validation accuracy; ties go to the lower LR) scored on the
                test split for seed 0 (the grid run) and trained + scored for the other seeds:
                --seeds for every method, and for tier 1 (the main questions) the further
@@ -82,7 +85,7 @@ class Task:
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # measure | curve | grid | test
+    kind: str  # measure | curve | grid | plateau | test
     task: str
     method: Method
     lr: float
@@ -526,6 +529,10 @@ class Protocol:
                 for method in methods:
                     for lr in self.grid_lrs(task, method, steps):
                         yield Job("grid", task, method, lr, 0, steps)
+                for method in (m for m in methods if m.check_plateau):
+                    chosen = self.chosen_lr(task, method, steps)
+                    if chosen is not None:
+                        yield Job("plateau", task, method, chosen, 0, args.curve_steps)
             for seed in seeds:
                 for method in methods:
                     chosen = self.chosen_lr(task, method, steps)
@@ -609,7 +616,7 @@ class Runner:
                 "val_acc": float(val.float().mean()),
                 "tokens": token_lengths(self.args.model, task),
             }
-        elif job.kind == "curve":
+        elif job.kind in ("curve", "plateau"):
             every = self.args.checkpoint_every
             timing = train(
                 config_for(job, task, self.args, keep_all=True), run_dir, self.args.threads

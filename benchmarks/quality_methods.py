@@ -38,6 +38,8 @@ class Method:
     only_factor: str | None = None
     notes: str = ""
     lrs: tuple[float, ...] = field(default=())  # the starting grid; empty: the protocol's
+    # A dense baseline of another family than the curve's: its own curve at its chosen LR.
+    check_plateau: bool = False
 
     @property
     def dense(self) -> bool:
@@ -89,7 +91,13 @@ def method_table(r: int, shapes: LoraShapes, warmup: int) -> list[Method]:
     tiny = [(0.02, "2%"), (0.005, "0.5%")]
     s = ADAPTER_SIZE
     adapter_rows = [
-        Method(f"dense Adapter s{s}", bottleneck(s), 4, notes="the paper's Adapter baseline"),
+        Method(
+            f"dense Adapter s{s}",
+            bottleneck(s),
+            4,
+            notes="the paper's Adapter baseline",
+            check_plateau=True,
+        ),
         *[
             Method(
                 f"{strategy} Adapter s{2 * s}->s{s}",

@@ -77,9 +77,7 @@ def curve_section(rows: list[dict], task: str) -> list[str]:
         f"{row['seed']}, constant LR after {LR_WARMUP_STEPS} warm-up steps; `axolotl train` "
         f"{row['wall_seconds'] / 60:.1f} min):",
         "",
-        "| step | " + " | ".join(str(step) for step, _ in row["points"]) + " |",
-        "| --- |" + " --- |" * len(row["points"]),
-        "| validation accuracy | " + " | ".join(f"{acc:.3f}" for _, acc in row["points"]) + " |",
+        *points_table(row["points"]),
         "",
         f"Plateau: first checkpoint within {row['plateau_tol']:g} of the best ({best:.3f}): "
         f"**S = {row['plateau_step']} steps**, the length of every later run."
@@ -91,7 +89,46 @@ def curve_section(rows: list[dict], task: str) -> list[str]:
         ),
         "",
     ]
-    return lines
+    plateaus = [r for r in rows if r["kind"] == "plateau" and r["task"] == task]
+    return lines + [line for p in plateaus for line in plateau_lines(p, row["plateau_step"])]
+
+
+def points_table(points: list[tuple[int, float]]) -> list[str]:
+    return [
+        "| step | " + " | ".join(str(step) for step, _ in points) + " |",
+        "| --- |" + " --- |" * len(points),
+        "| validation accuracy | " + " | ".join(f"{acc:.3f}" for _, acc in points) + " |",
+    ]
+
+
+def plateau_lines(row: dict, steps: int) -> list[str]:
+    """Whether the run length S, chosen on dense LoRA's curve, reaches the plateau of another
+    family's dense baseline (its curve at its chosen LR)."""
+    points = dict(row["points"])
+    best_step, best = max(row["points"], key=lambda point: (point[1], -point[0]))
+    at_s = points.get(steps)
+    if at_s is None:
+        verdict = f"S = {steps} is not one of its checkpoints."
+    elif at_s >= best - row["plateau_tol"]:
+        verdict = (
+            f"At S = {steps} it is at {at_s:.3f}, within {row['plateau_tol']:g} of its best "
+            f"({best:.3f}, step {best_step}): S reaches this baseline's plateau too."
+        )
+    else:
+        verdict = (
+            f"At S = {steps} it is at {at_s:.3f}, {100 * (best - at_s):.1f} points below its best "
+            f"({best:.3f}, step {best_step}): S does **not** reach this baseline's plateau; its "
+            f"comparisons are at S all the same, as registered, and read with that in mind."
+        )
+    return [
+        f"Plateau check for {row['method']} (its own validation curve at its chosen lr "
+        f"{row['lr']:g}, seed {row['seed']}; `axolotl train` {row['wall_seconds'] / 60:.1f} min):",
+        "",
+        *points_table(row["points"]),
+        "",
+        verdict,
+        "",
+    ]
 
 
 def grid_section(rows: list[dict], protocol: Any, table: list[Method], task: str) -> list[str]:
@@ -237,7 +274,7 @@ def defaults_section(
 
 
 def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[str]:
-    trained = [r for r in rows if r["kind"] in ("measure", "curve", "grid", "test")]
+    trained = [r for r in rows if r["kind"] in ("measure", "curve", "grid", "plateau", "test")]
     wall = sum(r.get("wall_seconds", 0.0) for r in trained)
     measure = next((r for r in rows if r["kind"] == "measure"), None)
     setups = Counter(
@@ -286,6 +323,13 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
             extra = 0.0 if method.dense else fisher_pass * (2 if "warm-up" in method.name else 1)
             remaining += todo_runs * (steps * per_step + measure["startup_seconds"] + extra)
             runs_left += todo_runs
+            if method.check_plateau and not any(
+                r["kind"] == "plateau" and r["task"] == task and r["method"] == method.name
+                for r in rows
+            ):
+                remaining += args.curve_steps * per_step + measure["startup_seconds"]
+                runs_left += 1
+                rows_left += args.curve_steps // args.checkpoint_every * args.val_size
     lines += [
         "",
         f"Measurement (a), {measure['task']}: {measure['seconds_per_step']:.2f} s per step at "
@@ -318,17 +362,20 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [r for r in rows if r["kind"] == "curve"]
+    curves = [r for r in rows if r["kind"] in ("curve", "plateau")]
     if not curves:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for row in curves:
         steps, accs = zip(*row["points"], strict=True)
-        ax.plot(steps, accs, marker="o", label=f"{row['task']} ({row['method']}, lr {row['lr']:g})")
-        ax.axvline(row["plateau_step"], linestyle=":", color=ax.lines[-1].get_color())
+        label = f"{row['task']} ({row['method']}, lr {row['lr']:g})"
+        style = "-" if row["kind"] == "curve" else "--"
+        ax.plot(steps, accs, marker="o", linestyle=style, label=label)
+        if row["kind"] == "curve":
+            ax.axvline(row["plateau_step"], linestyle=":", color=ax.lines[-1].get_color())
     ax.set_xlabel("training step (micro-batch 8)")
     ax.set_ylabel("validation accuracy")
-    ax.set_title("Dense LoRA validation curve (dotted: chosen run length S)")
+    ax.set_title("Dense baselines' validation curves (dotted: chosen run length S)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "quality_curve.png", dpi=110)
