@@ -76,8 +76,8 @@ class FishMaskConfig(BaseModel):
         description="Under FSDP2 with an adapter: compute the mask when training starts, on the "
         "sharded model, so that no device must hold the whole model. Unset: whenever the run "
         "allows it (built-in strategy, no warm-up, every candidate scored by a batched rule: "
-        "not DoRA on embeddings); false: score before sharding, with the whole model on one "
-        "device.",
+        "not layers with their own forward, e.g. llama-adapter's); false: score before "
+        "sharding, with the whole model on one device.",
     )
     seed: int = Field(
         default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."

@@ -8,13 +8,13 @@ Two paths compute the same numbers:
 - Batched path (one forward and one backward per micro-batch, no weight gradient): every tensor
   a rule of `fisher_rules` claims - any plain `nn.Linear` / `Conv1D` (LoRA factors of plain LoRA
   and DoRA linear layers, a full model's projections and head, other adapters' linear layers),
-  embeddings (a model's own, tied ones with both uses, LoRA embedding factors), normalisation
+  embeddings (a model's own, tied ones with both uses, LoRA and DoRA embeddings), normalisation
   weights and DoRA magnitudes. A linear layer's per-example weight gradient is sum_t g_t x_t^T,
   formed from its recorded inputs x and output gradients g; embeddings from the token ids and
   the output gradient.
-- Generic path: every other trainable tensor (DoRA on embeddings, layers with their own forward,
-  tensors shared between modules): one forward and backward per example, gradients of that
-  example only.
+- Generic path: every other trainable tensor (layers with their own forward, such as
+  `llama-adapter`'s, tensors shared between modules): one forward and backward per example,
+  gradients of that example only.
 
 `empirical` Fisher uses the data's labels (the paper); `sampled` Fisher replaces each label token
 by a draw from the model's own predictive distribution (the true Fisher). A draw depends only on

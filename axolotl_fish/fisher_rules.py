@@ -117,6 +117,11 @@ class FisherRule(ABC):
         """Whether every call holds one slice per example (first dimension = the batch's rows)."""
         return all(_per_example(c, rows, self.input_ndim) for c in calls.values())
 
+    def values_read(self) -> Iterator[torch.Tensor]:
+        """The parameters whose values `add` needs whole (with `reads_values`), as FSDP2 holds
+        them during the layer's backward; a rule that gathers some itself leaves them out."""
+        return (p for module in self.modules for p in module.parameters())
+
 
 def _per_example(calls: list[Call], rows: int, ndim: int) -> bool:
     return all(
@@ -467,20 +472,97 @@ class LoraEmbeddingRule(FisherRule):
     def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
         [module_calls] = calls.values()
         [layer] = self.modules
-        adapter = self.adapter
-        a = layer.lora_embedding_A[adapter].detach().float()
-        b = layer.lora_embedding_B[adapter].detach().float()
-        scale = layer.scaling[adapter]
-        embed_scale = layer._get_embed_scale()
-        if embed_scale is not None:
-            scale = scale * embed_scale.float()
         rows = module_calls[0].input.shape[0]
         ids = _cat(module_calls, "input", rows, trailing=False)
+        scale = layer.scaling[self.adapter] * _embed_scale(layer)
         g = _cat(module_calls, "grad", rows) * scale
-        scores[self.keys[1]].add_(sum_of_squared_outer(g, F.embedding(ids, a.T)))
-        pairs, sums = _row_sums(ids, g @ b, a.shape[1], layer.get_base_layer().padding_idx)
-        grad_a = torch.zeros_like(a.T).index_add_(0, pairs % a.shape[1], sums.square())
-        scores[self.keys[0]].add_(grad_a.T)
+        _add_lora_embedding_scores(layer, self.adapter, ids, g, self.keys, scores)
+
+
+def _embed_scale(layer: nn.Module) -> torch.Tensor | float:
+    """The factor some embeddings (Gemma's) apply in their forward, which PEFT applies to the
+    adapter's output too; 1 for the others."""
+    embed_scale = layer._get_embed_scale()
+    return 1.0 if embed_scale is None else embed_scale.float()
+
+
+def _add_lora_embedding_scores(
+    layer: nn.Module,
+    adapter: str,
+    ids: torch.Tensor,
+    g: torch.Tensor,
+    keys: tuple[str, ...],
+    scores: dict[str, torch.Tensor],
+) -> None:
+    """Squared per-example gradients of lora_embedding_A and _B (`keys`), from the ids and the
+    gradient g (rows, tokens, out) reaching A[ids] B."""
+    a = layer.lora_embedding_A[adapter].detach().float()
+    b = layer.lora_embedding_B[adapter].detach().float()
+    scores[keys[1]].add_(sum_of_squared_outer(g, F.embedding(ids, a.T)))
+    pairs, sums = _row_sums(ids, g @ b, a.shape[1], layer.get_base_layer().padding_idx)
+    grad_a = torch.zeros_like(a.T).index_add_(0, pairs % a.shape[1], sums.square())
+    scores[keys[0]].add_(grad_a.T)
+
+
+@register_rule
+class DoraEmbeddingRule(FisherRule):
+    """DoRA on a LoRA Embedding layer. PEFT's output is y = (m / n) * (base + c s A[id] B) (c
+    the embed scale, n the detached norm of W + s (B A)^T per output feature), so the factors
+    get `LoraEmbeddingRule`'s gradients with g * c s m / n reaching A[id] B, and m the
+    per-example gradient sum_t g_t * (base_t + c s A[id_t] B) / n. Axolotl makes the magnitude
+    an FSDP2 group of its own, not gathered during this layer's backward: m is gathered here, a
+    collective every rank reaches at the same point (their backwards run in lockstep)."""
+
+    input_ndim = 2
+    reads_values = True
+
+    def __init__(self, layer: nn.Module, adapter: str, keys: tuple[str, str, str]) -> None:
+        self.modules = (layer,)
+        self.adapter = adapter
+        self.magnitude = layer.lora_magnitude_vector[adapter]
+        self.keys = keys
+
+    @classmethod
+    def claim(cls, module: nn.Module, candidates: Candidates) -> DoraEmbeddingRule | None:
+        from peft.tuners.lora import Embedding
+        from peft.tuners.lora.variants import DoraEmbeddingVariant
+
+        if not isinstance(module, Embedding) or not _plain_lora_lookup(module):
+            return None
+        [(adapter, a)] = module.lora_embedding_A.items()
+        if not isinstance(module.lora_variant.get(adapter), DoraEmbeddingVariant):
+            return None
+        magnitude = module.lora_magnitude_vector[adapter]
+        tensors = (a, module.lora_embedding_B[adapter], magnitude.weight)
+        keys = tuple(candidates.key(tensor) for tensor in tensors)
+        if None in keys or set(magnitude._parameters) != {"weight"}:
+            return None
+        return cls(module, adapter, keys)
+
+    def values_read(self) -> Iterator[torch.Tensor]:
+        gathered_here = {id(p) for p in self.magnitude.parameters()}
+        return (p for p in self.modules[0].parameters() if id(p) not in gathered_here)
+
+    @torch.no_grad()
+    def add(self, calls: Mapping[nn.Module, list[Call]], scores: dict[str, torch.Tensor]) -> None:
+        [module_calls] = calls.values()
+        [layer] = self.modules
+        a = layer.lora_embedding_A[self.adapter].detach().float()
+        b = layer.lora_embedding_B[self.adapter].detach().float()
+        scale = layer.scaling[self.adapter] * _embed_scale(layer)
+        base = layer.get_base_layer()
+        norm = self.magnitude.get_weight_norm(
+            base.weight.float(), b @ a, layer.scaling[self.adapter]
+        )
+        rows = module_calls[0].input.shape[0]
+        ids = _cat(module_calls, "input", rows, trailing=False)
+        g = _cat(module_calls, "grad", rows)
+        m = full_tensor(self.magnitude.weight).float()
+        _add_lora_embedding_scores(
+            layer, self.adapter, ids, g * (scale * m / norm), self.keys, scores
+        )
+        slope = (base(ids).float() + scale * (F.embedding(ids, a.T) @ b.T)) / norm
+        scores[self.keys[2]].add_((g * slope).sum(dim=1).square().sum(dim=0))
 
 
 def _plain_lora_lookup(layer: nn.Module) -> bool:

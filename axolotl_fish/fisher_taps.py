@@ -161,7 +161,7 @@ class RuleTaps:
 def check_gathered(rule: FisherRule) -> None:
     """A rule that reads parameter values needs them whole: under FSDP2, only while its layer
     is gathered (during its backward, not after: calls whose output never reached the loss)."""
-    if rule.reads_values and any(is_sharded(p) for m in rule.modules for p in m.parameters()):
+    if rule.reads_values and any(is_sharded(p) for p in rule.values_read()):
         raise RuntimeError(
             f"Fisher pass: {rule.keys} are scored from their values, which FSDP2 has resharded "
             f"by the time their gradient arrived. Score before sharding "

@@ -241,13 +241,38 @@ def test_dora_linear_layers_are_batched(monkeypatch, arch, zero_magnitude):
     assert max_relative_error(result.scores, reference_fisher(model, batches, params, 6)) < 1e-4
 
 
-def test_dora_on_an_embedding_is_left_to_the_generic_path():
-    model = tiny_lora_model("llama", use_dora=True, extra_targets=("embed_tokens",))
+@pytest.mark.parametrize(
+    ("arch", "dora", "embed_scale", "zero_magnitude"),
+    [
+        ("llama", True, None, False),
+        ("gpt2", True, None, False),
+        ("llama", True, None, True),
+        ("llama", True, 3.0, False),
+        ("llama", False, 3.0, False),
+    ],
+    ids=["dora", "dora-gpt2", "dora-magnitude-at-0", "dora-scaled", "lora-scaled"],
+)
+def test_lora_and_dora_embeddings_are_batched(monkeypatch, arch, dora, embed_scale, zero_magnitude):
+    """LoRA and DoRA on the input embedding (Llama's with a padding_idx, looked up inside the
+    text too; GPT-2's without), a scaled embedding as Gemma's (PEFT scales the adapter's output
+    too), and DoRA magnitude entries at 0 (the slope is formed, not divided out)."""
+    embedding = "wte" if arch == "gpt2" else "embed_tokens"
+    model = tiny_lora_model(
+        arch, extra_targets=(embedding,), embed_scale=embed_scale, use_dora=dora
+    )
     params = adapter_parameters(model)
-    covered = {key for rule in claim_rules(model, params) for key in rule.keys}
-    embedding = {key for key in params if "embed_tokens" in key}
-    assert len(embedding) == 3 and not covered & embedding
-    assert covered | embedding == set(params)
+    on_embedding = {key for key in params if f"{embedding}." in key}
+    assert len(on_embedding) == (3 if dora else 2)
+    with torch.no_grad():  # PEFT starts lora_embedding_A at 0: B's scores would all be 0
+        params[next(k for k in on_embedding if "lora_embedding_A" in k)].normal_(std=0.1)
+    if zero_magnitude:
+        with torch.no_grad():
+            params[next(k for k in on_embedding if "magnitude" in k)][1::3] = 0.0
+    assert {k for r in claim_rules(model, params) for k in r.keys} == set(params)
+    no_per_example_loop(monkeypatch)
+    batches = batches_with_padding_id_in_text()
+    result = fisher_scores(model, batches, params, num_samples=7, progress=False)
+    assert max_relative_error(result.scores, reference_fisher(model, batches, params, 7)) < 1e-4
 
 
 def test_a_layer_that_is_not_affine_in_its_weight_is_refused():

@@ -237,6 +237,10 @@ VALUE_READING = {
         {"lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]},
         "lora_embedding_A",
     ),
+    "dora embedding": (
+        {"peft_use_dora": True, "lora_target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        "embed_tokens.lora_",
+    ),
 }
 
 
@@ -244,9 +248,10 @@ VALUE_READING = {
 def test_value_reading_adapters_score_after_sharding_and_train_only_their_mask(
     adapter, tmp_path_factory, tiny_llama_dir, alpaca_jsonl
 ):
-    """DoRA's magnitude rule and the LoRA embedding rule read parameter values: on the sharded
-    model (Axolotl makes each LoRA factor, magnitude and LoRA embedding layer an FSDP2 group of
-    its own) they read them while FSDP2 holds the group gathered for its backward."""
+    """DoRA's magnitude rule and the LoRA and DoRA embedding rules read parameter values: on the
+    sharded model (Axolotl makes each LoRA factor, magnitude and LoRA embedding layer an FSDP2
+    group of its own) they read them while FSDP2 holds the group gathered for its backward (the
+    DoRA embedding rule gathers its magnitude, a group of its own, itself)."""
     tmp = tmp_path_factory.mktemp(f"fsdp2_{adapter.replace(' ', '_')}")
     settings, scored = VALUE_READING[adapter]
     config = write_config(

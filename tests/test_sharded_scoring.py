@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from axolotl.utils.dict import DictDefault
 from axolotl_run import free_port
-from peft import LoraConfig, get_peft_model
+from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
@@ -70,6 +70,24 @@ def dora_model(*targets: str) -> nn.Module:
     return get_peft_model(tiny_base_model(), config)
 
 
+def dora_embedding_model() -> nn.Module:
+    """DoRA on the input embedding too; its A perturbed (PEFT starts it at 0), so that every
+    embedding factor gets real scores."""
+    model = dora_model("embed_tokens")
+    with torch.no_grad():
+        for key, param in trainable_parameters(model).items():
+            if "lora_embedding_A" in key:
+                param.normal_(std=0.1)
+    return model
+
+
+def llama_adapter_model() -> nn.Module:
+    """PEFT's adaption prompts, used inside the attention's own forward: no batched rule knows
+    them, so they are scored one example at a time."""
+    config = AdaptionPromptConfig(adapter_layers=1, adapter_len=4, task_type="CAUSAL_LM")
+    return get_peft_model(tiny_base_model(), config)
+
+
 def zero_magnitude_dora() -> nn.Module:
     """DoRA with magnitude entries at exactly 0 (DoRA starts them there for all-zero rows of a
     base weight): their slope needs the values of the LoRA factors."""
@@ -111,6 +129,8 @@ OTHER_ADAPTERS = {
     "dora, Axolotl's layout, activation checkpointing": dora_model,
     "lora embedding, Axolotl's layout": lambda: tiny_lora_model(extra_targets=("embed_tokens",)),
     "dora, magnitudes at 0, Axolotl's layout": zero_magnitude_dora,
+    "dora embedding": dora_embedding_model,
+    "dora embedding, Axolotl's layout": dora_embedding_model,
 }
 
 
@@ -179,16 +199,16 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         run |= {"with_state": with_state, "mask": callback.digest}
         run["adopted"] = [(mask is callback.mask, digest) for mask, digest in adopted]
         run |= {"chunked": chunked.masks, "chunked_examples": chunked.metadata["num_examples"]}
-        try:  # DoRA on an embedding takes the one-example path: not on slices
-            embedded = dora_model("embed_tokens")
-            names = names_of(embedded, trainable_parameters(embedded))
-            shard(embedded)
-            trainable = parameters_by_name(embedded, names)
-            compute_fish_mask(embedded, SHARES[rank], CONFIG, progress=False, trainable=trainable)
+        try:  # adaption prompts take the one-example path: not on slices
+            prompted = llama_adapter_model()
+            names = names_of(prompted, trainable_parameters(prompted))
+            shard(prompted)
+            trainable = parameters_by_name(prompted, names)
+            compute_fish_mask(prompted, SHARES[rank], CONFIG, progress=False, trainable=trainable)
         except ValueError as err:
             run["refused"] = str(err)
         try:
-            trainable_parameters(embedded)
+            trainable_parameters(prompted)
         except ValueError as err:
             run["unnamed"] = str(err)
         torch.save(run, f"{out_dir}/rank{rank}.pt")
@@ -287,7 +307,7 @@ def test_only_selected_entries_train_though_the_optimizer_was_built_first(sharde
 def test_tensors_scored_one_example_at_a_time_are_refused_by_name(sharded_runs):
     _, ranks = sharded_runs
     for run in ranks:
-        assert "embed_tokens.lora_" in run["refused"] and "FSDP2 has sharded it" in run["refused"]
+        assert "adaption_prompt" in run["refused"] and "FSDP2 has sharded it" in run["refused"]
         assert "already sharded" in run["unnamed"] and "names_of" in run["unnamed"]
 
 
@@ -300,9 +320,19 @@ def test_tensors_scored_one_example_at_a_time_are_refused_by_name(sharded_runs):
         (tiny_base_model, CONFIG, "full-parameter mode"),
         (dora_model, CONFIG, None),
         (lambda: tiny_lora_model(extra_targets=("embed_tokens",)), CONFIG, None),
-        (partial(dora_model, "embed_tokens"), CONFIG, "embed_tokens.lora_embedding_A' (3 in all)"),
+        (partial(dora_model, "embed_tokens"), CONFIG, None),
+        (llama_adapter_model, CONFIG, "self_attn.adaption_prompt' (2 in all)"),
     ],
-    ids=["lora", "random", "warm-up", "full-parameter", "dora", "lora-embedding", "dora-embedding"],
+    ids=[
+        "lora",
+        "random",
+        "warm-up",
+        "full-parameter",
+        "dora",
+        "lora-embedding",
+        "dora-embedding",
+        "llama-adapter",
+    ],
 )
 def test_why_not_after_sharding(model, config, reason):
     got = why_not_after_sharding(model(), config)
@@ -316,7 +346,7 @@ def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
     with caplog.at_level("INFO"):
         assert scores_after_sharding(FSDP2_CFG, lora_model(), CONFIG)
         assert scores_after_sharding(FSDP2_CFG, dora_model(), CONFIG)
-        assert not scores_after_sharding(FSDP2_CFG, dora_model("embed_tokens"), CONFIG)
+        assert not scores_after_sharding(FSDP2_CFG, llama_adapter_model(), CONFIG)
         assert not scores_after_sharding(DictDefault({}), lora_model(), CONFIG)
     assert "computed when training starts" in caplog.text
     assert "scoring before FSDP2 shards the model, on one device: tensor" in caplog.text
@@ -327,13 +357,13 @@ def test_the_plugin_scores_after_sharding_when_it_can_and_says_why_not(caplog):
         assert not scores_after_sharding(offload, lora_model(), CONFIG)
     assert "on one device: fsdp_config.offload_params keeps the sharded" in caplog.text
     forced = FishMaskConfig(keep_ratio=0.2, score_after_sharding=True)
-    with pytest.raises(ValueError, match="true, but tensor .*embed_tokens.lora_embedding_A"):
-        scores_after_sharding(FSDP2_CFG, dora_model("embed_tokens"), forced)
+    with pytest.raises(ValueError, match="true, but tensor .*adaption_prompt"):
+        scores_after_sharding(FSDP2_CFG, llama_adapter_model(), forced)
     # Only rank 0 loads weights: the mask can only be made after sharding.
     efficient = DictDefault({"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}})
     assert scores_after_sharding(efficient, lora_model(), CONFIG)
     with pytest.raises(ValueError, match="cpu_ram_efficient_loading: true needs the mask made af"):
-        scores_after_sharding(efficient, dora_model("embed_tokens"), CONFIG)
+        scores_after_sharding(efficient, llama_adapter_model(), CONFIG)
 
 
 def test_a_full_parameter_model_cannot_defer_its_mask():

@@ -32,6 +32,19 @@ def tiny_base_model(arch: str = "llama", seed: int = 0) -> nn.Module:
     raise ValueError(arch)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's scaled word embedding: the lookup times a constant `embed_scale`, which PEFT also
+    applies to the output of a LoRA adapter on it."""
+
+    def __init__(self, embedding: nn.Embedding, embed_scale: float) -> None:
+        super().__init__(*embedding.weight.shape, padding_idx=embedding.padding_idx)
+        self.weight = embedding.weight
+        self.embed_scale = embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
 
 
@@ -40,9 +53,11 @@ def tiny_lora_model(
     seed: int = 0,
     nonzero_b: bool = True,
     extra_targets: tuple[str, ...] = (),
+    embed_scale: float | None = None,
     **lora_kwargs,
 ) -> nn.Module:
-    """A tiny PEFT LoRA model; `nonzero_b` perturbs lora_B so every Fisher score is non-trivial."""
+    """A tiny PEFT LoRA model; `nonzero_b` perturbs lora_B so every Fisher score is non-trivial;
+    `embed_scale` makes the input embedding a `ScaledEmbedding`."""
     config = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -51,7 +66,10 @@ def tiny_lora_model(
         fan_in_fan_out=arch == "gpt2",
         **lora_kwargs,
     )
-    model = get_peft_model(tiny_base_model(arch, seed), config)
+    base = tiny_base_model(arch, seed)
+    if embed_scale is not None:
+        base.set_input_embeddings(ScaledEmbedding(base.get_input_embeddings(), embed_scale))
+    model = get_peft_model(base, config)
     if nonzero_b:
         with torch.no_grad():
             for name, param in model.named_parameters():
