@@ -32,28 +32,34 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one run, report its peak
 
 
-def lora_model(path: Path, rank: int, device: str, seed: int = 0, dora: bool = False) -> nn.Module:
+def lora_model(
+    path: Path, rank: int, device: str, seed: int = 0, dora: bool = False, embedding: bool = False
+) -> nn.Module:
     """The demo model (fp32) with a fresh LoRA (or DoRA) adapter on q, k, v, o (`add_lora`)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return add_lora(base, rank, device, dora)
+    return add_lora(base, rank, device, dora, embedding)
 
 
-def add_lora(base: nn.Module, rank: int, device: str, dora: bool = False) -> nn.Module:
-    """A fresh LoRA adapter on q, k, v, o (PEFT's defaults otherwise: fp32 factors; with `dora`
-    DoRA's magnitude vectors too), with B perturbed away from zero, as after a few training
-    steps, so every Fisher score is informative."""
+def add_lora(
+    base: nn.Module, rank: int, device: str, dora: bool = False, embedding: bool = False
+) -> nn.Module:
+    """A fresh LoRA adapter on q, k, v, o and, with `embedding`, the input embedding (PEFT's
+    defaults otherwise: fp32 factors; with `dora` DoRA's magnitude vectors too), with the factor
+    PEFT starts at zero (lora_B; an embedding's A) perturbed away from it, as after a few
+    training steps, so every Fisher score is informative."""
     from peft import LoraConfig, get_peft_model
 
+    targets = [*TARGETS, "embed_tokens"] if embedding else TARGETS
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.05, use_dora=dora
+        r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.05, use_dora=dora
     )
     model = get_peft_model(base, config).to(device)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:
                 param.normal_(std=1e-3)
     return model
 

@@ -1,6 +1,7 @@
 """Time of our Fisher pass vs the physical limit and vs the batch-size-1 loop peers use.
 
     python benchmarks/fisher_pass.py [--samples 256] [--micro-batch 8] [--repeats 3] [--dora]
+        [--embedding]
 
 - ours: `fisher_scores` (batched exact per-example squared gradients);
 - limit: one ordinary forward+backward over the same micro-batches (what training costs);
@@ -36,9 +37,10 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA")
+    parser.add_argument("--embedding", action="store_true", help="the input embedding too")
     args = parser.parse_args()
 
-    model = lora_model(args.model, args.rank, args.device, dora=args.dora)
+    model = lora_model(args.model, args.rank, args.device, dora=args.dora, embedding=args.embedding)
     params = adapter_parameters(model)
     batches = demo_batches(args.model, args.data, args.samples, args.micro_batch, args.device)
     n = args.samples
@@ -68,7 +70,8 @@ def main() -> None:
     )
     total = sum(p.numel() for p in params.values())
     kind = "DoRA" if args.dora else "LoRA"
-    print(f"\n{machine()}; SmolLM2-135M, {kind} r={args.rank} on q,k,v,o ({total:,} entries)")
+    targets = "q,k,v,o" + (" and embed_tokens" if args.embedding else "")
+    print(f"\n{machine()}; SmolLM2-135M, {kind} r={args.rank} on {targets} ({total:,} entries)")
     print(f"N={n} examples, micro-batch {args.micro_batch}, {args.repeats} interleaved rounds\n")
     print("| run | median s | per example ms | process peak memory MiB |")
     print("| --- | --- | --- | --- |")
