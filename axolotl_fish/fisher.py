@@ -27,6 +27,7 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from axolotl_fish.distributed import any_rank, rank_and_world, share_of, sum_over_ranks
 from axolotl_fish.fisher_taps import RuleTaps
+from axolotl_fish.layer_checkpointing import checkpointed_layers, checkpointing_enabled
 from axolotl_fish.rng import preserved_rng_state
 from axolotl_fish.sharded import is_sharded
 
@@ -112,7 +114,9 @@ def fisher_scores(
 
     `batches` are training micro-batches (input_ids, labels, ...), as the trainer collates them.
     Rows without label tokens are skipped. The model runs in eval mode (no dropout) and every
-    random generator is left as it was. With `sampled_labels_seed`, labels are drawn from the
+    random generator is left as it was; with transformers' gradient checkpointing on, its decoder
+    layers recompute their forward in backward here too (`layer_checkpointing`). With
+    `sampled_labels_seed`, labels are drawn from the
     model (sampled Fisher). `batched=False` sends every tensor down the one-example-at-a-time
     path: the reference the batched path is tested against.
     Under torch.distributed each rank reads its share of `num_samples` from its own batches and
@@ -140,7 +144,7 @@ def fisher_scores(
     model.eval()
     bar = tqdm(total=wanted, unit="example", desc="Fisher pass", disable=not progress)
     try:
-        with preserved_rng_state():
+        with preserved_rng_state(), _checkpointed_if_enabled(model):
             stream = _labelled(batches, device, wanted)
             while True:
                 batch = next(stream, None) if bad_batch is None else None
@@ -251,6 +255,17 @@ def _check_finite(scores: Mapping[str, torch.Tensor], bad_batch: tuple[int, int]
         f"Fisher pass: non-finite gradient for adapter tensor {key!r} from {where}. Check those "
         f"examples and the training precision; no mask was made."
     )
+
+
+@contextmanager
+def _checkpointed_if_enabled(model: nn.Module) -> Iterator[None]:
+    if not checkpointing_enabled(model):
+        yield
+        return
+    with checkpointed_layers(model) as layers:
+        if layers:
+            LOG.info(f"Fisher pass: gradient checkpointing on, {layers} decoder layers recompute")
+        yield
 
 
 def _example_losses(

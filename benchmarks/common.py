@@ -98,10 +98,13 @@ def demo_batches(
     return batches
 
 
-def plain_forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+def plain_forward_backward(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], training: bool = False
+) -> None:
     """One ordinary forward+backward (with weight gradients) per micro-batch: the baseline the
-    Fisher pass is timed against."""
-    model.eval()
+    Fisher pass is timed against (`training`: in training mode, where transformers checkpoints
+    its layers if gradient checkpointing is on)."""
+    model.train(training)
     for batch in batches:
         model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)

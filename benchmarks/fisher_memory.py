@@ -1,12 +1,14 @@
 """Peak memory of the LoRA Fisher pass against a plain forward+backward, a fresh process each.
 
-    python benchmarks/fisher_memory.py [--rounds 3] [--tree DIR]
+    python benchmarks/fisher_memory.py [--rounds 3] [--tree DIR] [--gradient-checkpointing]
 
 A random fp32 Llama-shaped model (`--hidden` wide, `--layers` deep), LoRA r=16 on q, k, v, o,
 one micro-batch of 8 rows x 512 random tokens (the last 64 labelled). Each measurement runs in
 its own process (peak RSS above the moment before the pass; on a GPU the allocator's peak), the
 two runs alternating for `--rounds` rounds. `--tree` imports `axolotl_fish` from another
 checkout (e.g. a `git worktree` of an older commit) to compare code versions on one machine.
+`--gradient-checkpointing` turns on transformers' (non-reentrant) gradient checkpointing; the
+limit is then a training-mode forward+backward, where transformers checkpoints.
 The last line is JSON.
 """
 
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", type=Path, help="checkout to import axolotl_fish from")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one run, report its peak
     args = parser.parse_args()
     if args.tree is not None:  # ahead of an editable install's import hook
@@ -69,6 +72,8 @@ def one_run(args: argparse.Namespace) -> int:
         num_key_value_heads=8,
     )
     model = add_lora(AutoModelForCausalLM.from_config(config), 16, device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = adapter_parameters(model)
     shape = argparse.Namespace(micro_batch=8, seq=512, answer=64, device=device)
     batches = random_batches(shape, config.vocab_size, 8)
@@ -77,7 +82,7 @@ def one_run(args: argparse.Namespace) -> int:
     if args.peak_of == "ours":
         fisher_scores(model, batches, params, 8, progress=False)
     else:
-        plain_forward_backward(model, batches)
+        plain_forward_backward(model, batches, training=args.gradient_checkpointing)
     return process_peak_bytes(device) - start
 
 

@@ -246,7 +246,8 @@ def test_sample_packing_with_gradient_checkpointing_and_accumulation(
         gradient_checkpointing=True,
         fish_mask=fish_mask,
     )
-    run_axolotl_train(config, cwd=tmp_path)
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    assert "gradient_checkpointing: the pass checkpoints 2 layers" in log  # as training does
     out = tmp_path / "out"
     mask = FishMask.load(out)
     assert mask.k == round(0.5 * mask.total) and mask.metadata["num_examples"] == 8

@@ -104,8 +104,9 @@ def test_axolotl_full_fine_tune_keeps_masked_weights_of_the_base_model(
     tmp_path, tied_llama_dir, alpaca_jsonl
 ):
     """`axolotl train` without `adapter:`: exact k over every weight, masked entries bitwise equal
-    to the base model's in every saved model.safetensors, under AdamW weight decay; every folder's
-    fish_delta.safetensors rebuilds its model.safetensors bit for bit."""
+    to the base model's in every saved model.safetensors, under AdamW weight decay and gradient
+    checkpointing (the Fisher pass checkpoints too); every folder's fish_delta.safetensors
+    rebuilds its model.safetensors bit for bit."""
     config = write_config(
         tmp_path,
         tied_llama_dir,
@@ -116,9 +117,11 @@ def test_axolotl_full_fine_tune_keeps_masked_weights_of_the_base_model(
         max_grad_norm=0.5,
         gradient_accumulation_steps=2,
         micro_batch_size=2,
+        gradient_checkpointing=True,
         fish_mask={"keep_ratio": 0.05, "num_samples": 8},
     )
-    run_axolotl_train(config, cwd=tmp_path)
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    assert "gradient_checkpointing: the pass checkpoints 2 layers" in log
     out = tmp_path / "out"
     base = load_file(tied_llama_dir / MODEL_FILE)
     assert "lm_head.weight" not in base and "model.embed_tokens.weight" in base

@@ -81,6 +81,14 @@ def dora_embedding_model() -> nn.Module:
     return model
 
 
+def checkpointed_lora_model() -> nn.Module:
+    """transformers' gradient checkpointing on (Axolotl's `gradient_checkpointing`, reentrant by
+    default): the pass checkpoints the decoder layers itself, inside FSDP2's groups."""
+    model = lora_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
+
+
 def llama_adapter_model() -> nn.Module:
     """PEFT's adaption prompts, used inside the attention's own forward: no batched rule knows
     them, so they are scored one example at a time."""
@@ -122,6 +130,7 @@ OTHER_ADAPTERS = {
     "modules_to_save": lambda: tiny_lora_model(nonzero_b=False, modules_to_save=["lm_head"]),
     "bottleneck": lambda: add_bottleneck(tiny_base_model(), BottleneckConfig(size=4)),
     "activation checkpointing": lora_model,  # layers wrapped below, as Axolotl's FSDP2 does
+    "gradient checkpointing": checkpointed_lora_model,
     "dora": dora_model,
     "lora embedding": lambda: tiny_lora_model(extra_targets=("embed_tokens",)),
     "norms": lambda: tiny_lora_model(modules_to_save=["norm"]),

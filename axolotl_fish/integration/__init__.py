@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from axolotl_fish.integration.scoring_device import (
     scores_after_sharding,
     under_fsdp2,
 )
+from axolotl_fish.layer_checkpointing import checkpointed_layers
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.mask_source import load_mask
 from axolotl_fish.model_card import add_card_section_on_create
@@ -257,8 +258,12 @@ def _computed_mask(
         f"fish_mask: scoring entries with strategy={config.strategy} over "
         f"{config.num_samples} training examples"
     )
-    place = on_training_device(model, trainer.args.device) if trainable is None else nullcontext()
-    with place:
+    with ExitStack() as stack:
+        if trainable is None:
+            stack.enter_context(on_training_device(model, trainer.args.device))
+        if trainer.args.gradient_checkpointing:  # the Trainer turns it on only in `train()`
+            layers = stack.enter_context(checkpointed_layers(model))
+            LOG.info(f"fish_mask: gradient_checkpointing: the pass checkpoints {layers} layers")
         return compute_fish_mask(
             model,
             trainer.get_train_dataloader(),

@@ -1,0 +1,58 @@
+"""Activation checkpointing of a transformers model's decoder layers while the mask is made.
+
+The Fisher pass runs in eval mode (no dropout), and transformers checkpoints its decoder layers
+(`GradientCheckpointingLayer`) only in training mode: with `gradient_checkpointing` on, a pass
+would otherwise hold every layer's activations for a micro-batch - more memory than the
+checkpointed training steps it precedes. `checkpointed_layers` makes each layer recompute its
+forward during backward for as long as the context lasts, in eval mode too, with PyTorch's
+non-reentrant checkpoint: the pass's recording taps see every call of the first forward, and
+the recomputation, which runs after it, records nothing (a reentrant checkpoint would run the
+first forward without gradient). Layers already inside a `checkpoint_wrapper` (FSDP2's
+`activation_checkpointing`) recompute anyway and are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.utils.checkpoint import checkpoint
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's transformers decoder layers that no `checkpoint_wrapper` already holds."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    wrapped = {
+        id(inner)
+        for wrapper in model.modules()
+        if isinstance(wrapper, CheckpointWrapper)
+        for inner in wrapper.modules()
+    }
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, GradientCheckpointingLayer) and id(module) not in wrapped
+    ]
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on for some decoder layer of `model`."""
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model))
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module) -> Iterator[int]:
+    """Within the context every decoder layer of `model` recomputes its forward in backward;
+    yields how many layers that is. Nested use leaves the outer wrapping in place."""
+    layers = [layer for layer in decoder_layers(model) if "forward" not in vars(layer)]
+    for layer in layers:
+        layer.forward = partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -1,0 +1,72 @@
+"""Gradient checkpointing during the Fisher pass (`layer_checkpointing`): the pass runs in eval
+mode, where transformers does not checkpoint; with checkpointing on, the decoder layers
+recompute their forward in backward all the same, and the scores are those of the pass
+without it."""
+
+from __future__ import annotations
+
+import pytest
+from test_fisher import max_relative_error
+from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    apply_activation_checkpointing,
+)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
+from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.layer_checkpointing import checkpointed_layers, decoder_layers
+
+BATCHES = padded_batches(n_rows=8, batch_size=4)
+
+
+def count_attention_calls(model: nn.Module) -> list[int]:
+    """A counter of the first decoder layer's attention forwards (recomputation included)."""
+    calls = [0]
+    attention = next(m for m in model.modules() if isinstance(m, LlamaDecoderLayer)).self_attn
+    attention.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-example"])
+def test_with_checkpointing_on_the_pass_recomputes_layers_and_scores_as_without(reentrant, batched):
+    """Also when the model's own checkpoint is reentrant, which would run the first forward
+    without gradient: the pass uses a non-reentrant one instead."""
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    calls = count_attention_calls(model)
+    plain = fisher_scores(model, BATCHES, params, 8, batched=batched, progress=False).scores
+    without = calls[0]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    calls[0] = 0
+    checked = fisher_scores(model, BATCHES, params, 8, batched=batched, progress=False).scores
+    assert calls[0] == 2 * without  # every forward ran again in backward
+    assert max_relative_error(checked, plain) < 1e-5
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))  # restored
+
+
+def test_full_parameter_scores_with_layers_checkpointed_by_request():
+    """The Trainer turns checkpointing on only when training starts (after the pass, in
+    full-parameter mode): the plugin asks for it with `checkpointed_layers`."""
+    model = tiny_base_model("llama")
+    params = trainable_parameters(model)
+    calls = count_attention_calls(model)
+    plain = fisher_scores(model, BATCHES, params, 8, progress=False).scores
+    without = calls[0]
+    with checkpointed_layers(model) as layers:
+        checked = fisher_scores(model, BATCHES, params, 8, progress=False).scores
+    assert layers == 2 and calls[0] == 3 * without
+    assert max_relative_error(checked, plain) < 1e-5
+
+
+def test_nested_use_and_layers_in_a_checkpoint_wrapper_are_left_alone():
+    model = tiny_base_model("llama")
+    with checkpointed_layers(model) as outer:
+        with checkpointed_layers(model) as inner:
+            assert (outer, inner) == (2, 0)
+        assert all("forward" in vars(layer) for layer in decoder_layers(model))
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    assert decoder_layers(model) == []  # FSDP2's activation checkpointing recomputes anyway
