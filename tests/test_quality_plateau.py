@@ -4,24 +4,20 @@ whether S reaches its plateau (`benchmarks/quality.py`, `benchmarks/quality_repo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import benchmarks_importable
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 STEPS = 150
 
 
 @pytest.fixture(scope="module")
 def harness() -> tuple:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
+    with benchmarks_importable():
         import quality
         import quality_report
         from quality_methods import LoraShapes, method_table
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     table = method_table(8, LoraShapes(a_per_rank=100, b_per_rank=100), 10)
     return quality, quality_report, table
 

@@ -7,23 +7,16 @@ decided by `benchmarks/quality_stats.py` and `DefaultQuestion.decide` in
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import benchmarks_importable
 
 
 @pytest.fixture(scope="module")
 def rule() -> tuple:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
+    with benchmarks_importable():
         from quality_methods import default_questions
         from quality_stats import Difference, paired_bootstrap
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     return Difference, paired_bootstrap, default_questions
 
 
