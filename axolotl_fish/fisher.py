@@ -116,9 +116,9 @@ def fisher_scores(
     Rows without label tokens are skipped. The model runs in eval mode (no dropout) and every
     random generator is left as it was; with transformers' gradient checkpointing on, its decoder
     layers recompute their forward in backward here too (`layer_checkpointing`). With
-    `sampled_labels_seed`, labels are drawn from the
-    model (sampled Fisher). `batched=False` sends every tensor down the one-example-at-a-time
-    path: the reference the batched path is tested against.
+    `sampled_labels_seed`, labels are drawn from the model (sampled Fisher). `batched=False`
+    sends every tensor down the one-example-at-a-time path: the reference the batched path is
+    tested against.
     Under torch.distributed each rank reads its share of `num_samples` from its own batches and
     the scores are summed over ranks, so every rank ends with the same scores. Parameters FSDP2
     has sharded are scored by the batched rules only (a tensor left to the one-example path is

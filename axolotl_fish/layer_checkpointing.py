@@ -8,14 +8,16 @@ forward during backward for as long as the context lasts, in eval mode too, with
 non-reentrant checkpoint: the pass's recording taps see every call of the first forward, and
 the recomputation, which runs after it, records nothing (a reentrant checkpoint would run the
 first forward without gradient). Layers already inside a `checkpoint_wrapper` (FSDP2's
-`activation_checkpointing`) recompute anyway and are left alone.
+`activation_checkpointing`) recompute anyway and are left alone, and so is a layer that
+transformers checkpoints itself (in training mode with checkpointing on: a dense warm-up).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -50,9 +52,15 @@ def checkpointed_layers(model: nn.Module) -> Iterator[int]:
     yields how many layers that is. Nested use leaves the outer wrapping in place."""
     layers = [layer for layer in decoder_layers(model) if "forward" not in vars(layer)]
     for layer in layers:
-        layer.forward = partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+        layer.forward = partial(_recomputed, layer, type(layer).forward.__get__(layer))
     try:
         yield len(layers)
     finally:
         for layer in layers:
             del layer.forward
+
+
+def _recomputed(layer: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if layer.training and getattr(layer, "gradient_checkpointing", False):
+        return forward(*args, **kwargs)  # inside transformers' own checkpoint
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)

@@ -5,7 +5,10 @@ without it."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
+import torch
 from test_fisher import max_relative_error
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
@@ -17,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.layer_checkpointing import checkpointed_layers, decoder_layers
+from axolotl_fish.warmup import dense_warmup
 
 BATCHES = padded_batches(n_rows=8, batch_size=4)
 
@@ -70,3 +74,20 @@ def test_nested_use_and_layers_in_a_checkpoint_wrapper_are_left_alone():
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
     assert decoder_layers(model) == []  # FSDP2's activation checkpointing recomputes anyway
+
+
+def test_a_dense_warm_up_inside_the_context_trains_as_without_it():
+    """A warm-up trains in training mode, where transformers checkpoints the layers itself (here
+    with its reentrant checkpoint, Axolotl's default): no second checkpoint inside it."""
+    warmed = []
+    for context in (nullcontext, checkpointed_layers):
+        model = tiny_lora_model("llama")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        params = adapter_parameters(model)
+        calls = count_attention_calls(model)
+        with context(model):
+            dense_warmup(model, BATCHES, params, 2, 1e-2, progress=False)
+        warmed.append(({key: p.detach().clone() for key, p in params.items()}, calls[0]))
+    (plain, plain_calls), (inside, inside_calls) = warmed
+    assert inside_calls == plain_calls == 4  # 2 steps, each a forward and its recomputation
+    assert all(torch.equal(inside[key], plain[key]) for key in plain)
