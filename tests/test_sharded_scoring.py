@@ -121,9 +121,10 @@ def shard_like_axolotl(model: nn.Module) -> None:
 
 
 # Other adapters: a `modules_to_save` copy of the head beside LoRA, bottleneck adapters
-# (zero-initialised up-projections: ties, drawn by seed), and tensors whose rules read their
-# values during the layer's backward: DoRA magnitudes, LoRA embedding factors, norm weights
-# (`modules_to_save` copies of every `...norm`).
+# (zero-initialised up-projections: ties, drawn by seed), transformers' gradient checkpointing,
+# and tensors whose rules read their values during the layer's backward: DoRA magnitudes (also
+# at 0, where the rule gathers the LoRA factors), LoRA and DoRA embeddings (the rule gathers a
+# DoRA embedding's magnitude), norm weights (`modules_to_save` copies of every `...norm`).
 # Each tensor ranked on its own (`per_tensor`), so every value-reading rule's ranking is compared.
 PER_TENSOR = FishMaskConfig(keep_ratio=0.2, num_samples=64, scope="per_tensor")
 OTHER_ADAPTERS = {
