@@ -511,7 +511,8 @@ class DoraEmbeddingRule(FisherRule):
     get `LoraEmbeddingRule`'s gradients with g * c s m / n reaching A[id] B, and m the
     per-example gradient sum_t g_t * (base_t + c s A[id_t] B) / n. Axolotl makes the magnitude
     an FSDP2 group of its own, not gathered during this layer's backward: m is gathered here, a
-    collective every rank reaches at the same point (their backwards run in lockstep)."""
+    collective every rank reaches at the same point (their backwards run in lockstep). Values do
+    not change during a pass: m and n are formed at its first micro-batch only."""
 
     input_ndim = 2
     reads_values = True
@@ -521,6 +522,7 @@ class DoraEmbeddingRule(FisherRule):
         self.adapter = adapter
         self.magnitude = layer.lora_magnitude_vector[adapter]
         self.keys = keys
+        self._m_and_n: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def claim(cls, module: nn.Module, candidates: Candidates) -> DoraEmbeddingRule | None:
@@ -551,13 +553,16 @@ class DoraEmbeddingRule(FisherRule):
         b = layer.lora_embedding_B[self.adapter].detach().float()
         scale = layer.scaling[self.adapter] * _embed_scale(layer)
         base = layer.get_base_layer()
-        norm = self.magnitude.get_weight_norm(
-            base.weight.float(), b @ a, layer.scaling[self.adapter]
-        )
+        if self._m_and_n is None:
+            m = full_tensor(self.magnitude.weight).float()
+            n = self.magnitude.get_weight_norm(
+                base.weight.float(), b @ a, layer.scaling[self.adapter]
+            )
+            self._m_and_n = (m, n)
+        m, norm = self._m_and_n
         rows = module_calls[0].input.shape[0]
         ids = _cat(module_calls, "input", rows, trailing=False)
         g = _cat(module_calls, "grad", rows)
-        m = full_tensor(self.magnitude.weight).float()
         _add_lora_embedding_scores(
             layer, self.adapter, ids, g * (scale * m / norm), self.keys, scores
         )
@@ -617,7 +622,7 @@ class DoraMagnitudeRule(FisherRule):
     slope. Where some m is 0 the slope is (base_t + s B A x_t) / n instead, from the LoRA
     factors' values: FSDP2 may have sharded those on their own (Axolotl does), so they are
     gathered, a collective every rank reaches at the same point (they hold the same m and run
-    their backwards in lockstep)."""
+    their backwards in lockstep), once per pass with n."""
 
     needs_output = True
     reads_values = True
@@ -626,6 +631,7 @@ class DoraMagnitudeRule(FisherRule):
         self.modules = (magnitude,)
         self.layer, self.adapter = layer, adapter
         self.keys = (key,)
+        self._factors_and_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def claim(cls, module: nn.Module, candidates: Candidates) -> DoraMagnitudeRule | None:
@@ -673,7 +679,10 @@ class DoraMagnitudeRule(FisherRule):
     def _slope_from_factors(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """d r_t / d m = (base_t + s B A x_t) / n, with n as PEFT computes it."""
         layer, adapter = self.layer, self.adapter
-        a, b = (full_tensor(f[adapter].weight).float() for f in (layer.lora_A, layer.lora_B))
         scaling = layer.scaling[adapter]
-        norm = self.modules[0].get_weight_norm(self._base_weight().float(), b @ a, scaling)
+        if self._factors_and_norm is None:
+            a, b = (full_tensor(f[adapter].weight).float() for f in (layer.lora_A, layer.lora_B))
+            n = self.modules[0].get_weight_norm(self._base_weight().float(), b @ a, scaling)
+            self._factors_and_norm = (a, b, n)
+        a, b, norm = self._factors_and_norm
         return (base + scaling * F.linear(F.linear(x, a), b)) / norm
