@@ -14,8 +14,10 @@ transformers checkpoints itself (in training mode with checkpointing on: a dense
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -41,6 +43,30 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+# The call of a checkpointed layer that is running now, in its forward or in its recomputation
+# (the same number for both: a recomputed module call is paired with its first-forward call).
+_REGION: ContextVar[int | None] = ContextVar("fish_checkpointed_call", default=None)
+_CALLS = itertools.count()
+
+
+def current_region() -> int | None:
+    """Which call of a layer within `checkpointed_layers` is running, if one is."""
+    return _REGION.get()
+
+
+def recomputed_modules(model: nn.Module) -> set[nn.Module]:
+    """Every module inside a decoder layer that backward recomputes whole right now (within
+    `checkpointed_layers`; a `checkpoint_wrapper` may stop its recomputation early)."""
+    return {
+        inner for layer in model.modules() if _checkpointed_here(layer) for inner in layer.modules()
+    }
+
+
+def _checkpointed_here(layer: nn.Module) -> bool:
+    forward = vars(layer).get("forward")
+    return isinstance(forward, partial) and forward.func is _recomputed
+
+
 def checkpointing_enabled(model: nn.Module) -> bool:
     """Whether transformers' gradient checkpointing is on for some decoder layer of `model`."""
     return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model))
@@ -63,4 +89,15 @@ def checkpointed_layers(model: nn.Module) -> Iterator[int]:
 def _recomputed(layer: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if layer.training and getattr(layer, "gradient_checkpointing", False):
         return forward(*args, **kwargs)  # inside transformers' own checkpoint
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    region = next(_CALLS)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _REGION.set(region)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _REGION.reset(token)
+
+    # The whole forward again, not stopped once the saved tensors are back: the recording taps
+    # take each call's input when its module runs again (`fisher_taps`).
+    return checkpoint(run, *args, use_reentrant=False, early_stop=False, **kwargs)

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from test_fisher import max_relative_error
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
@@ -19,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
 from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.fisher_taps import RuleTaps
 from axolotl_fish.layer_checkpointing import checkpointed_layers, decoder_layers
 from axolotl_fish.warmup import dense_warmup
 
@@ -91,3 +93,57 @@ def test_a_dense_warm_up_inside_the_context_trains_as_without_it():
     (plain, plain_calls), (inside, inside_calls) = warmed
     assert inside_calls == plain_calls == 4  # 2 steps, each a forward and its recomputation
     assert all(torch.equal(inside[key], plain[key]) for key in plain)
+
+
+def test_inputs_are_recorded_when_backward_recomputes_a_layer(monkeypatch):
+    """With the layers checkpointed, the pass records a module's input when backward recomputes
+    its layer, so the recorded inputs of one layer at most are alive at once (2 layers x 3
+    targets x lora_A and lora_B here), as a checkpointed step keeps one layer's activations."""
+    alive: list[int] = []
+    add = RuleTaps._add
+
+    def counting_add(taps: RuleTaps, rule) -> None:
+        alive.append(sum(call[0] is not None for calls in taps._calls.values() for call in calls))
+        add(taps, rule)
+
+    monkeypatch.setattr(RuleTaps, "_add", counting_add)
+    model = tiny_lora_model("llama")
+    params = adapter_parameters(model)
+    fisher_scores(model, BATCHES[:1], params, 4, progress=False)
+    assert max(alive) == 12  # every layer's inputs, recorded in the forward
+    alive.clear()
+    model.gradient_checkpointing_enable()
+    fisher_scores(model, BATCHES[:1], params, 4, progress=False)
+    assert max(alive) == 6  # one layer's
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"use_dora": True}, {"use_dora": True, "extra_targets": ("embed_tokens",)}],
+    ids=["dora", "dora+embedding"],
+)
+def test_rules_that_read_outputs_or_values_score_as_without_checkpointing(settings):
+    """DoRA magnitudes read each call's output, recorded at the recomputation too."""
+    model = tiny_lora_model("llama", **settings)
+    params = adapter_parameters(model)
+    plain = fisher_scores(model, BATCHES, params, 8, progress=False).scores
+    model.gradient_checkpointing_enable()
+    checked = fisher_scores(model, BATCHES, params, 8, progress=False).scores
+    assert max_relative_error(checked, plain) < 1e-5
+
+
+def test_a_layer_called_twice_per_forward_pairs_each_recomputation_with_its_own_call():
+    """One decoder layer object used for both layers (weights shared): backward recomputes its
+    second call first; each module call is paired by the layer call it belongs to."""
+    base = tiny_base_model("llama")
+    base.model.layers[1] = base.model.layers[0]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    params = adapter_parameters(model)
+    with torch.no_grad():
+        for key, param in params.items():
+            if "lora_B" in key:
+                param.normal_(std=0.1)
+    plain = fisher_scores(model, BATCHES, params, 8, progress=False).scores
+    model.gradient_checkpointing_enable()
+    checked = fisher_scores(model, BATCHES, params, 8, progress=False).scores
+    assert max_relative_error(checked, plain) < 1e-5
