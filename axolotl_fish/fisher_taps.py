@@ -182,10 +182,7 @@ class RuleTaps:
             module: [Call(x, out, g) for x, out, g in self._calls[module] if g is not None]
             for module in rule.modules
         }
-        unrecorded = [
-            m for m, module_calls in calls.items() if any(c.input is None for c in module_calls)
-        ]
-        if unrecorded:
+        if any(call.input is None for module_calls in calls.values() for call in module_calls):
             raise RuntimeError(
                 f"Fisher pass: backward did not recompute every call of {rule.keys}; their "
                 f"inputs are unknown. Turn gradient checkpointing off for this model."
