@@ -6,6 +6,7 @@ without it."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -14,14 +15,21 @@ from test_fisher import max_relative_error
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
     apply_activation_checkpointing,
+    checkpoint_wrapper,
 )
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
 from axolotl_fish.fisher import fisher_scores
 from axolotl_fish.fisher_taps import RuleTaps
-from axolotl_fish.layer_checkpointing import checkpointed_layers, decoder_layers
+from axolotl_fish.layer_checkpointing import (
+    checkpointed_layers,
+    checkpointing_enabled,
+    decoder_layers,
+)
 from axolotl_fish.warmup import dense_warmup
 
 BATCHES = padded_batches(n_rows=8, batch_size=4)
@@ -67,15 +75,33 @@ def test_full_parameter_scores_with_layers_checkpointed_by_request():
     assert max_relative_error(checked, plain) < 1e-5
 
 
-def test_nested_use_and_layers_in_a_checkpoint_wrapper_are_left_alone():
+def test_nested_use_and_checkpoint_wrappers_are_restored_afterwards():
     model = tiny_base_model("llama")
     with checkpointed_layers(model) as outer:
         with checkpointed_layers(model) as inner:
             assert (outer, inner) == (2, 0)
         assert all("forward" in vars(layer) for layer in decoder_layers(model))
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
-    assert decoder_layers(model) == []  # FSDP2's activation checkpointing recomputes anyway
+    wrap_layers(model)  # FSDP2's activation checkpointing
+    assert decoder_layers(model) == [] and checkpointing_enabled(model)
+    wrappers = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
+    own = [wrapper.checkpoint_fn for wrapper in wrappers]
+    with checkpointed_layers(model) as layers:
+        assert layers == 2 and all(
+            w.checkpoint_fn is not f for w, f in zip(wrappers, own, strict=True)
+        )
+    assert all(w.checkpoint_fn is f for w, f in zip(wrappers, own, strict=True))
+
+
+def wrap_layers(model: nn.Module) -> None:
+    """Axolotl's `fsdp_config.activation_checkpointing`: non-reentrant `checkpoint_wrapper`s."""
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
+        check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+    )
 
 
 def test_a_dense_warm_up_inside_the_context_trains_as_without_it():
@@ -95,7 +121,8 @@ def test_a_dense_warm_up_inside_the_context_trains_as_without_it():
     assert all(torch.equal(inside[key], plain[key]) for key in plain)
 
 
-def test_inputs_are_recorded_when_backward_recomputes_a_layer(monkeypatch):
+@pytest.mark.parametrize("checkpointing", ["transformers", "checkpoint_wrapper"])
+def test_inputs_are_recorded_when_backward_recomputes_a_layer(monkeypatch, checkpointing):
     """With the layers checkpointed, the pass records a module's input when backward recomputes
     its layer, so the recorded inputs of one layer at most are alive at once (2 layers x 3
     targets x lora_A and lora_B here), as a checkpointed step keeps one layer's activations."""
@@ -109,12 +136,16 @@ def test_inputs_are_recorded_when_backward_recomputes_a_layer(monkeypatch):
     monkeypatch.setattr(RuleTaps, "_add", counting_add)
     model = tiny_lora_model("llama")
     params = adapter_parameters(model)
-    fisher_scores(model, BATCHES[:1], params, 4, progress=False)
+    plain = fisher_scores(model, BATCHES[:1], params, 4, progress=False).scores
     assert max(alive) == 12  # every layer's inputs, recorded in the forward
     alive.clear()
-    model.gradient_checkpointing_enable()
-    fisher_scores(model, BATCHES[:1], params, 4, progress=False)
+    if checkpointing == "transformers":
+        model.gradient_checkpointing_enable()
+    else:
+        wrap_layers(model)
+    checked = fisher_scores(model, BATCHES[:1], params, 4, progress=False).scores
     assert max(alive) == 6  # one layer's
+    assert max_relative_error(checked, plain) < 1e-5
 
 
 @pytest.mark.parametrize(
