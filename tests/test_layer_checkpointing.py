@@ -20,6 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
+from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
@@ -178,3 +179,19 @@ def test_a_layer_called_twice_per_forward_pairs_each_recomputation_with_its_own_
     model.gradient_checkpointing_enable()
     checked = fisher_scores(model, BATCHES, params, 8, progress=False).scores
     assert max_relative_error(checked, plain) < 1e-5
+
+
+def test_a_recomputation_that_stops_early_is_refused_not_scored_without_inputs(monkeypatch):
+    """PyTorch's default non-reentrant checkpoint stops recomputing once the saved tensors are
+    back, before the layer's last module runs again: that module's input would never come."""
+    import axolotl_fish.layer_checkpointing as layer_checkpointing
+
+    def stopping_early(function, *args, early_stop, **kwargs):
+        return checkpoint(function, *args, early_stop=True, **kwargs)
+
+    monkeypatch.setattr(layer_checkpointing, "checkpoint", stopping_early)
+    model = tiny_lora_model("llama")
+    model.gradient_checkpointing_enable()
+    params = adapter_parameters(model)
+    with pytest.raises(RuntimeError, match="did not recompute every call of .*lora_B"):
+        fisher_scores(model, BATCHES[:1], params, 4, progress=False)
