@@ -18,7 +18,7 @@ model's state dict, which is also how a FISH mask keys them) next to `bottleneck
 
 Usable with any HF `Trainer`: `add_bottleneck(model, BottleneckConfig(size=64))`, train, and
 `trainer.add_callback(BottleneckSaveCallback(model))` writes the adapter into every checkpoint
-and into `output_dir` at the end.
+and into `output_dir` at the end (under FSDP2 every rank gathers it and the first writes it).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from axolotl_fish.sharded import full_tensor
 
 LOG = logging.getLogger(__name__)
 
@@ -150,16 +152,29 @@ def bottleneck_settings(model: nn.Module) -> dict[str, Any] | None:
     return None if adapter is None else adapter.settings
 
 
-def save_bottleneck(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """Write the adapter (safetensors, atomically) and its config (JSON) into `folder`."""
+def gathered_bottleneck(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, whole and on the CPU, keyed like `bottleneck_parameters`. Under
+    FSDP2 this gathers each sharded tensor: a collective, which every rank must call."""
+    return {
+        key: full_tensor(param.detach()).to("cpu").contiguous()
+        for key, param in bottleneck_parameters(model).items()
+    }
+
+
+def save_bottleneck(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the adapter (safetensors, atomically) and its config (JSON) into `folder`:
+    `tensors` (from `gathered_bottleneck`, on every rank of a sharded model) or, if not given,
+    the model's own (which must then be whole)."""
     settings = bottleneck_settings(model)
     if settings is None:
         raise ValueError("The model has no bottleneck adapter to save.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: p.detach().to("cpu").contiguous() for k, p in bottleneck_parameters(model).items()
-    }
+    tensors = dict(gathered_bottleneck(model) if tensors is None else tensors)
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     config = {"bottleneck": settings, "base_model_name_or_path": name}
     _write_atomically(folder / ADAPTER_FILENAME, lambda tmp: save_file(tensors, tmp))
@@ -210,15 +225,19 @@ class BottleneckSaveCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            save_bottleneck(self.model, checkpoint)
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        self._save(state, checkpoint)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
+        self._save(state, Path(args.output_dir))
+
+    def _save(self, state: TrainerState, folder: Path) -> None:
+        """Every rank gathers the adapter (FSDP2 shards it); the first process writes it."""
+        tensors = gathered_bottleneck(self.model)
         if state.is_world_process_zero:
-            save_bottleneck(self.model, args.output_dir)
+            save_bottleneck(self.model, folder, tensors)
 
 
 def _add_adapter_output(module: nn.Module, args: tuple, output: Any) -> Any:

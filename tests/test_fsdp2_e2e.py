@@ -1,4 +1,5 @@
-"""FSDP2 on two CPU processes (gloo) through the real `axolotl train` CLI, LoRA and full-parameter.
+"""FSDP2 on two CPU processes (gloo) through the real `axolotl train` CLI: LoRA (and DoRA, LoRA
+on embeddings), bottleneck adapters and full-parameter mode.
 
 accelerate and Axolotl turn FSDP on only for GPUs; the test-only `tests/fsdp_cpu_shim`
 (a `sitecustomize` on the launched processes' PYTHONPATH) lets them take their FSDP2 path on CPU.
@@ -26,7 +27,14 @@ from axolotl_run import (
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from transformers import AutoModelForCausalLM
 
+from axolotl_fish.bottleneck import (
+    ADAPTER_FILENAME,
+    BottleneckConfig,
+    add_bottleneck,
+    bottleneck_parameters,
+)
 from axolotl_fish.distributed import mask_digest
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.sparse_delta import DELTA_FILENAME, SparseDelta, apply_delta
@@ -382,3 +390,90 @@ def test_full_parameter_fsdp2_resume_continues_as_if_never_stopped(full_runs, tm
     straight, again = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
     for key, weight in straight.items():
         torch.testing.assert_close(again[key], weight, rtol=0, atol=1e-6, msg=key)
+
+
+# Adapter-FISH: bottleneck size 4 masked to size 2's entries.
+BOTTLENECK = {"adapter": "bottleneck", "bottleneck": {"size": 4}, "max_steps": 4}
+BOTTLENECK_MASK = {"match_rank": 2, "num_samples": 8}
+
+
+@pytest.fixture(scope="module")
+def bottleneck_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
+    """`adapter: bottleneck` under FSDP2: four steps with rank-0-only loading (checkpoints 2 and
+    4); a resume from its checkpoint-2, fully loaded, in another folder; and the mask computed
+    by one process on the whole model."""
+    settings = {**TRAINING, **BOTTLENECK, "fish_mask": BOTTLENECK_MASK}
+    efficient = {**FSDP2["fsdp_config"], "cpu_ram_efficient_loading": True}
+    straight = tmp_path_factory.mktemp("fsdp2_bottleneck")
+    config = write_config(
+        straight, tiny_llama_dir, alpaca_jsonl, **settings, **{**FSDP2, "fsdp_config": efficient}
+    )
+    log = train_fsdp2(config)
+    resumed = tmp_path_factory.mktemp("fsdp2_bottleneck_resumed")
+    checkpoint = str(straight / "out/checkpoint-2")
+    config = write_config(
+        resumed,
+        tiny_llama_dir,
+        alpaca_jsonl,
+        **settings,
+        **FSDP2,
+        resume_from_checkpoint=checkpoint,
+    )
+    resumed_log = train_fsdp2(config)
+    run_axolotl(
+        ["fish-mask", "compute", str(config), "--output", str(resumed / MASK_FILENAME)], resumed
+    )
+    return straight / "out", log, resumed / "out", resumed_log, FishMask.load(resumed)
+
+
+def test_bottleneck_fsdp2_scores_after_rank_zero_only_loading_as_one_process(bottleneck_runs):
+    out, log, _, _, single = bottleneck_runs
+    assert "non-rank-0 params stay on meta" in log  # Axolotl's rank-0-only loading was on
+    assert "computed when training starts, on the model FSDP2 has sharded" in log
+    mask = FishMask.load(out)
+    digest = mask_digest(single.masks)
+    assert held_digests(log) == {"0": digest, "1": digest} and mask_digest(mask.masks) == digest
+    assert mask.k == 2 * (2 * 64 + 2 + 2 * 64 + 64) * 2  # size 2's entries: 2 layers, houlsby
+
+
+def test_bottleneck_fsdp2_saves_the_gathered_adapter_and_trains_only_the_mask(
+    bottleneck_runs, tiny_llama_dir, tmp_path
+):
+    """Every rank gathers the sharded adapter and rank 0 writes it whole: beside each sharded
+    checkpoint, equal to that checkpoint's tensors, and at the end. Unselected entries keep their
+    initial values (the init is seeded: a fresh adapter on the base model)."""
+    out, _, _, _, _ = bottleneck_runs
+    mask = FishMask.load(out)
+    initial = {
+        key: param.detach()
+        for key, param in bottleneck_parameters(
+            add_bottleneck(
+                AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                BottleneckConfig(**BOTTLENECK["bottleneck"]),
+            )
+        ).items()
+    }
+    slices = slices_by_rank_file(out / "checkpoint-2")
+    for key in mask.masks:
+        if key.endswith("up.weight"):  # 64 rows: half on each rank
+            assert set(slices[key]) == RANK_FILES, key
+    for folder in ("checkpoint-2", "checkpoint-4"):
+        sharded = gathered_weights(out / folder, tmp_path)
+        saved = load_file(out / folder / ADAPTER_FILENAME)
+        assert set(saved) == set(mask.masks) == set(initial), folder
+        for key in saved:
+            assert torch.equal(saved[key], sharded[key]), (folder, key)
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
+        saved = load_file(folder / ADAPTER_FILENAME)
+        for key, keep in mask.masks.items():
+            assert torch.equal(saved[key][~keep], initial[key][~keep]), (folder, key)
+        assert sum(int((saved[k] != initial[k])[m].sum()) for k, m in mask.masks.items()) > 0
+
+
+def test_bottleneck_fsdp2_resume_continues_as_if_never_stopped(bottleneck_runs):
+    out, _, resumed, resumed_log, _ = bottleneck_runs
+    assert f"resuming with the mask saved in {out / 'checkpoint-2' / MASK_FILENAME}" in resumed_log
+    straight = load_file(out / ADAPTER_FILENAME)
+    again = load_file(resumed / ADAPTER_FILENAME)
+    for key, tensor in straight.items():
+        torch.testing.assert_close(again[key], tensor, rtol=0, atol=1e-6, msg=key)

@@ -100,6 +100,14 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ),
         (
             {
+                **LLAMA_ADAPTER,
+                "fsdp_version": 2,
+                "fsdp_config": {"cpu_ram_efficient_loading": True},
+            },
+            "without fish_mask.warmup_steps .* .adapter is 'llama-adapter'.",
+        ),
+        (
+            {
                 "fsdp_version": 2,
                 "fsdp_config": {"cpu_ram_efficient_loading": True},
                 "fish_mask": {"keep_ratio": 0.5, "warmup_steps": 2},
@@ -131,6 +139,11 @@ def test_other_adapters_are_accepted_with_their_settings(make_cfg):
         {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
         {"fsdp_config": {"fsdp_version": 2, "cpu_ram_efficient_loading": False}},
         {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},  # LoRA
+        {
+            "adapter": "bottleneck",
+            "fsdp_version": 2,
+            "fsdp_config": {"cpu_ram_efficient_loading": True},
+        },
     ],
 )
 def test_fsdp2_is_accepted(make_cfg, fsdp):
