@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -338,6 +339,46 @@ def train_in_process(config_path: Path) -> None:
         manager.cfg = None
 
 
+def held_digests(log: str) -> dict[str, str]:
+    """{rank: the digest of the mask it holds}, as a multi-process run logs them."""
+    return dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", log))
+
+
 def load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Tensors of ``adapter_model.safetensors`` in an output or ``checkpoint-N`` folder."""
     return load_file(Path(adapter_dir) / "adapter_model.safetensors")
+
+
+def bottleneck_model(base_dir: Path, **settings: Any) -> torch.nn.Module:
+    """The base model with fresh bottleneck adapters (``settings``: the ``bottleneck:`` block):
+    a run's initial adapter, since the init is seeded."""
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return add_bottleneck(model, BottleneckConfig(**settings))
+
+
+def initial_bottleneck(base_dir: Path, **settings: Any) -> dict[str, torch.Tensor]:
+    """The tensors of ``bottleneck_model``'s fresh adapter, keyed like the saved adapter."""
+    from axolotl_fish.bottleneck import bottleneck_parameters
+
+    adapter = bottleneck_parameters(bottleneck_model(base_dir, **settings))
+    return {key: param.detach() for key, param in adapter.items()}
+
+
+def bottleneck_file(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of ``bottleneck_adapter.safetensors`` in an output or ``checkpoint-N`` folder."""
+    return load_file(Path(folder) / "bottleneck_adapter.safetensors")
+
+
+def assert_masked_entries_equal(
+    mask: Any, reference: Mapping[str, torch.Tensor], folders: Sequence[Path]
+) -> None:
+    """Every unselected entry of the bottleneck adapter saved in each folder equals ``reference``;
+    ``mask`` is a ``FishMask``."""
+    for folder in folders:
+        adapter = bottleneck_file(folder)
+        for key, keep in mask.masks.items():
+            assert torch.equal(adapter[key][~keep], reference[key][~keep]), (folder, key)

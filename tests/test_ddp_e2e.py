@@ -7,11 +7,18 @@ plus `--main_process_port` on a free port (`two_process_launch`).
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-from axolotl_run import load_adapter_tensors, run_axolotl_train, two_process_launch, write_config
+from axolotl_run import (
+    assert_masked_entries_equal,
+    bottleneck_file,
+    held_digests,
+    initial_bottleneck,
+    load_adapter_tensors,
+    run_axolotl_train,
+    two_process_launch,
+    write_config,
+)
 from safetensors.torch import load_file
 
 from axolotl_fish.distributed import mask_digest
@@ -50,8 +57,7 @@ def runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
 def test_both_ranks_hold_the_saved_mask(runs):
     outs, logs = runs
     mask = FishMask.load(outs["ddp"])
-    held = dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", logs["ddp"]))
-    assert held == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}
+    assert held_digests(logs["ddp"]) == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}
     assert mask.metadata["world_size"] == 2
     assert mask.k == round(0.3 * mask.total) == mask.metadata["k"]
 
@@ -98,7 +104,7 @@ def test_full_parameter_mode_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
     settings = SETTINGS | {"adapter": None, "fish_mask": {"keep_ratio": 0.05, "num_samples": 8}}
     config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **settings)
     log = run_axolotl_train(config, cwd=tmp_path, cli_args=two_process_launch(), env=ON_CPU).stdout
-    held = dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", log))
+    held = held_digests(log)
     assert len(held) == 2 and len(set(held.values())) == 1
     out = tmp_path / "out"
     base = load_file(tiny_llama_dir / "model.safetensors")
@@ -111,3 +117,24 @@ def test_full_parameter_mode_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
         assert all(torch.equal(rebuilt[key], saved[key]) for key in saved), folder
     moved = sum(int((saved[k] != base[k])[m].sum()) for k, m in mask.masks.items())
     assert moved > 0.5 * mask.k
+
+
+def test_bottleneck_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
+    """`adapter: bottleneck`, 2 processes: both ranks hold the saved mask, and every saved adapter
+    keeps the unselected entries of the fresh (seeded) adapter."""
+    bottleneck = {"size": 4}
+    settings = SETTINGS | {
+        "adapter": "bottleneck",
+        "bottleneck": bottleneck,
+        "fish_mask": {"match_rank": 2, "num_samples": 16},
+    }
+    config = write_config(tmp_path, tiny_llama_dir, alpaca_jsonl, **settings)
+    log = run_axolotl_train(config, cwd=tmp_path, cli_args=two_process_launch(), env=ON_CPU).stdout
+    out = tmp_path / "out"
+    mask = FishMask.load(out)
+    digest = mask_digest(mask.masks)
+    assert held_digests(log) == {"0": digest, "1": digest}
+    initial = initial_bottleneck(tiny_llama_dir, **bottleneck)
+    assert_masked_entries_equal(mask, initial, [out / "checkpoint-2", out / "checkpoint-4", out])
+    final = bottleneck_file(out)
+    assert sum(int((final[k] != initial[k])[m].sum()) for k, m in mask.masks.items()) > 0

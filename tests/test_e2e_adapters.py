@@ -7,18 +7,20 @@ import shutil
 
 import pytest
 import torch
-from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
+from axolotl_run import (
+    assert_masked_entries_equal,
+    bottleneck_file,
+    bottleneck_model,
+    initial_bottleneck,
+    load_adapter_tensors,
+    run_axolotl_train,
+    write_config,
+)
 from safetensors.torch import load_file
 from test_e2e_axolotl import FISH, HARSH, assert_frozen_outside_mask
 from transformers import AutoModelForCausalLM
 
-from axolotl_fish.bottleneck import (
-    ADAPTER_FILENAME,
-    BottleneckConfig,
-    add_bottleneck,
-    bottleneck_parameters,
-    load_bottleneck,
-)
+from axolotl_fish.bottleneck import load_bottleneck
 from axolotl_fish.mask_file import FishMask
 
 pytestmark = pytest.mark.e2e
@@ -33,24 +35,6 @@ BOTTLENECK_MASK = {
     "seed": 42,
 }
 HIDDEN, LAYERS = 64, 2  # the tiny models of axolotl_run
-
-
-def adapter_file(folder) -> dict[str, torch.Tensor]:
-    return load_file(folder / ADAPTER_FILENAME)
-
-
-def assert_masked_entries_equal(mask, reference, folders) -> None:
-    """Every unselected entry of the bottleneck adapter saved in each folder equals `reference`."""
-    for folder in folders:
-        adapter = adapter_file(folder)
-        for key, keep in mask.masks.items():
-            assert torch.equal(adapter[key][~keep], reference[key][~keep]), (folder, key)
-
-
-def bottleneck_model(base_dir) -> torch.nn.Module:
-    """The tiny base model with fresh adapters: the run's initial adapter (the init is seeded)."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    return add_bottleneck(model, BottleneckConfig(**BOTTLENECK))
 
 
 def bottleneck_config(tmp, base_dir, data, fish_mask, **overrides):
@@ -82,10 +66,8 @@ def test_bottleneck_exact_k_and_masked_entries_keep_their_initial_values(
     out, log = bottleneck_run
     folders = [out / "checkpoint-2", out / "checkpoint-4", out]
     mask = FishMask.load(out)
-    initial = {
-        k: p.detach() for k, p in bottleneck_parameters(bottleneck_model(tiny_llama_dir)).items()
-    }
-    assert set(mask.masks) == set(adapter_file(out)) == set(initial)
+    initial = initial_bottleneck(tiny_llama_dir, **BOTTLENECK)
+    assert set(mask.masks) == set(bottleneck_file(out)) == set(initial)
     assert len(initial) == LAYERS * 2 * 4  # attention and MLP adapters: down/up weight/bias
     # Entries of a dense size-4 adapter: down (4 x hidden + 4), up (hidden x 4 + hidden).
     assert mask.k == LAYERS * 2 * (4 * HIDDEN + 4 + HIDDEN * 4 + HIDDEN) == mask.metadata["k"]
@@ -95,7 +77,7 @@ def test_bottleneck_exact_k_and_masked_entries_keep_their_initial_values(
         saved = FishMask.load(folder)
         assert all(torch.equal(saved.masks[k], m) for k, m in mask.masks.items())
     assert_masked_entries_equal(mask, initial, folders)
-    final = adapter_file(out)
+    final = bottleneck_file(out)
     moved = sum(int((final[k] != initial[k])[m].sum()) for k, m in mask.masks.items())
     assert moved > 0.5 * mask.k
     assert "bottleneck: 4 houlsby adapters of size 8 (gelu)" in log
@@ -104,7 +86,7 @@ def test_bottleneck_exact_k_and_masked_entries_keep_their_initial_values(
 def test_loader_output_equals_the_trained_model(bottleneck_run, tiny_llama_dir, tiny_tokenizer):
     """The Trainer's own full save (base + adapters) and base + `load_bottleneck` agree."""
     out, _ = bottleneck_run
-    trained = bottleneck_model(tiny_llama_dir)
+    trained = bottleneck_model(tiny_llama_dir, **BOTTLENECK)
     trained.load_state_dict(load_file(out / "model.safetensors"), strict=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     loaded = load_bottleneck(base, out)
@@ -114,7 +96,7 @@ def test_loader_output_equals_the_trained_model(bottleneck_run, tiny_llama_dir, 
     with torch.no_grad():
         expected = trained.eval()(**batch).logits
         torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
-        untrained = bottleneck_model(tiny_llama_dir).eval()(**batch).logits
+        untrained = bottleneck_model(tiny_llama_dir, **BOTTLENECK).eval()(**batch).logits
     assert not torch.allclose(untrained, expected)
 
 
@@ -137,11 +119,11 @@ def test_bottleneck_resume_keeps_mask_and_continues_the_run(
     assert all(torch.equal(resumed.masks[k], m) for k, m in original.masks.items())
     # The checkpoint's adapter, optimizer and schedule were restored: the run ends where the
     # uninterrupted one ended.
-    final, uninterrupted = adapter_file(resumed_out), adapter_file(out)
+    final, uninterrupted = bottleneck_file(resumed_out), bottleneck_file(out)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-7)
     assert_masked_entries_equal(
-        original, adapter_file(out / "checkpoint-2"), [resumed_out / "checkpoint-4", resumed_out]
+        original, bottleneck_file(out / "checkpoint-2"), [resumed_out / "checkpoint-4", resumed_out]
     )
 
 

@@ -11,13 +11,16 @@ written by both ranks, which is also how the tests see that the run really shard
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from axolotl_run import (
+    assert_masked_entries_equal,
+    bottleneck_file,
+    held_digests,
+    initial_bottleneck,
     load_adapter_tensors,
     run_axolotl,
     run_axolotl_train,
@@ -27,14 +30,7 @@ from axolotl_run import (
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from transformers import AutoModelForCausalLM
 
-from axolotl_fish.bottleneck import (
-    ADAPTER_FILENAME,
-    BottleneckConfig,
-    add_bottleneck,
-    bottleneck_parameters,
-)
 from axolotl_fish.distributed import mask_digest
 from axolotl_fish.mask_file import MASK_FILENAME, FishMask
 from axolotl_fish.sparse_delta import DELTA_FILENAME, SparseDelta, apply_delta
@@ -118,10 +114,6 @@ def assert_really_sharded(checkpoint: Path, mask: FishMask, split: str) -> None:
         if split in key:
             assert set(by_file) == RANK_FILES, (checkpoint, key)
             assert by_file["__0_0.distcp"][0] == 0 < by_file["__1_0.distcp"][0], (checkpoint, key)
-
-
-def held_digests(log: str) -> dict[str, str]:
-    return dict(re.findall(r"rank (\d) of 2 holds mask sha256:([0-9a-f]{64})", log))
 
 
 @pytest.fixture(scope="module")
@@ -444,36 +436,25 @@ def test_bottleneck_fsdp2_saves_the_gathered_adapter_and_trains_only_the_mask(
     initial values (the init is seeded: a fresh adapter on the base model)."""
     out, _, _, _, _ = bottleneck_runs
     mask = FishMask.load(out)
-    initial = {
-        key: param.detach()
-        for key, param in bottleneck_parameters(
-            add_bottleneck(
-                AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
-                BottleneckConfig(**BOTTLENECK["bottleneck"]),
-            )
-        ).items()
-    }
+    initial = initial_bottleneck(tiny_llama_dir, **BOTTLENECK["bottleneck"])
     slices = slices_by_rank_file(out / "checkpoint-2")
     for key in mask.masks:
         if key.endswith("up.weight"):  # 64 rows: half on each rank
             assert set(slices[key]) == RANK_FILES, key
     for folder in ("checkpoint-2", "checkpoint-4"):
         sharded = gathered_weights(out / folder, tmp_path)
-        saved = load_file(out / folder / ADAPTER_FILENAME)
+        saved = bottleneck_file(out / folder)
         assert set(saved) == set(mask.masks) == set(initial), folder
         for key in saved:
             assert torch.equal(saved[key], sharded[key]), (folder, key)
-    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
-        saved = load_file(folder / ADAPTER_FILENAME)
-        for key, keep in mask.masks.items():
-            assert torch.equal(saved[key][~keep], initial[key][~keep]), (folder, key)
-        assert sum(int((saved[k] != initial[k])[m].sum()) for k, m in mask.masks.items()) > 0
+    assert_masked_entries_equal(mask, initial, [out / "checkpoint-2", out / "checkpoint-4", out])
+    final = bottleneck_file(out)
+    assert sum(int((final[k] != initial[k])[m].sum()) for k, m in mask.masks.items()) > 0
 
 
 def test_bottleneck_fsdp2_resume_continues_as_if_never_stopped(bottleneck_runs):
     out, _, resumed, resumed_log, _ = bottleneck_runs
     assert f"resuming with the mask saved in {out / 'checkpoint-2' / MASK_FILENAME}" in resumed_log
-    straight = load_file(out / ADAPTER_FILENAME)
-    again = load_file(resumed / ADAPTER_FILENAME)
+    straight, again = bottleneck_file(out), bottleneck_file(resumed)
     for key, tensor in straight.items():
         torch.testing.assert_close(again[key], tensor, rtol=0, atol=1e-6, msg=key)
