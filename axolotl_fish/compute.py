@@ -19,7 +19,6 @@ from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.mask_file import FishMask
 from axolotl_fish.scorers import ScoringContext, check_strategy, score
 from axolotl_fish.selection import select_in_groups
-from axolotl_fish.sharded import is_sharded
 from axolotl_fish.warmup import dense_warmup, restore
 from axolotl_fish.zero_updates import record_modules_fixed_at_zero
 
@@ -63,11 +62,6 @@ def compute_fish_mask(
     if trainable is None:
         trainable = trainable_parameters(model)
     params = select_candidates(trainable, config.include, config.exclude)
-    if config.warmup_steps and any(is_sharded(p) for p in params.values()):
-        raise ValueError(
-            "fish_mask.warmup_steps: the dense warm-up trains the adapter before it is sharded; "
-            "with FSDP2 score before sharding (fish_mask.score_after_sharding: false)."
-        )
     dense = count_entries(trainable) - count_entries(params)
     if dense:
         LOG.warning(

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from axolotl_fish.sharded import is_sharded
+
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -53,12 +55,14 @@ def sum_over_ranks(scores: Mapping[str, torch.Tensor], count: int) -> int:
 
 
 def average_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Average .grad over ranks in place, as DDP would (for loops that run outside DDP)."""
+    """Average .grad over ranks in place, as DDP would (for loops that run outside DDP). The
+    gradients of FSDP2-sharded parameters (DTensors) are left alone: FSDP2's reduce-scatter has
+    already averaged them."""
     if not is_distributed():
         return
     world = torch.distributed.get_world_size()
     for param in params:
-        if param.grad is not None:
+        if param.grad is not None and not is_sharded(param.grad):
             torch.distributed.all_reduce(param.grad)
             param.grad.div_(world)
 

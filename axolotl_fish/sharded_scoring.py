@@ -7,7 +7,8 @@ output gradients, which every rank holds whole, and read parameter values (norms
 magnitudes, LoRA embeddings) during that layer's backward, while it is gathered: no device ever
 holds the whole model. That serves every candidate a rule claims, the built-in scorers, which
 read nothing else, and adapters only: full-parameter mode registers the value vectors of its
-selected entries before the model is wrapped.
+selected entries before the model is wrapped. A dense warm-up (`warmup_steps`) steps the sharded
+adapter, FSDP2 gathering it and averaging its gradients as in training.
 
 The Trainer shards the model inside `train()`, after it built the optimizer over every trainable
 tensor. So the mask is made in `on_train_begin`; tensors with no selected entry then stop
@@ -46,8 +47,6 @@ def why_not_after_sharding(model: nn.Module, config: FishMaskConfig) -> str | No
             "full-parameter mode sets up the value vectors of the selected entries before FSDP2 "
             "shards the model"
         )
-    if config.warmup_steps:
-        return "the dense warm-up (fish_mask.warmup_steps) trains the adapter before the pass"
     if config.strategy not in SCORERS_FOR_SHARDED:
         return f"strategy {config.strategy!r} is not a built-in scorer and may read tensor values"
     if config.strategy == "random":

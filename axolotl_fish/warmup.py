@@ -7,12 +7,13 @@ ever differ from initialisation and the budget stays honest.
 
 The warm-up is its own short loop (AdamW at the run's learning rate, on the first micro-batches
 of the training data); it is not part of the run's schedule, and every random generator is
-left as it was, so the run itself trains exactly as it would without it.
+left as it was, so the run itself trains exactly as it would without it. Under DDP-like
+processes each rank reads its own micro-batches and the gradients are averaged over ranks; on a
+model FSDP2 has sharded it steps the slices, FSDP2 averaging their gradients.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from axolotl_fish.distributed import average_gradients
+from axolotl_fish.distributed import any_rank, average_gradients
 from axolotl_fish.rng import preserved_rng_state
 
 LOG = logging.getLogger(__name__)
@@ -42,13 +43,14 @@ def dense_warmup(
     was_training = model.training
     model.train()
     done = 0
+    batches = iter(batches)
     with preserved_rng_state():
-        for raw_batch in tqdm(
-            itertools.islice(batches, steps),
-            total=steps,
-            desc="Dense warm-up",
-            disable=not progress,
-        ):
+        for _ in tqdm(range(steps), desc="Dense warm-up", disable=not progress):
+            raw_batch = next(batches, None)
+            # Every rank steps together (FSDP2 gathers in each forward, the gradients are
+            # averaged): all stop when one runs out of data.
+            if any_rank(raw_batch is None, device):
+                break
             batch = {k: v.to(device) for k, v in raw_batch.items()}
             model(**batch, use_cache=False).loss.backward()
             average_gradients(params.values())  # ranks stay identical, as under DDP

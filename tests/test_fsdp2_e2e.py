@@ -274,6 +274,31 @@ def test_value_reading_adapters_score_after_sharding_and_train_only_their_mask(
     assert moved > 0
 
 
+def test_warm_up_trains_the_sharded_adapter_after_rank_zero_only_loading(
+    tmp_path, tiny_llama_dir, alpaca_jsonl
+):
+    """`warmup_steps` on the sharded model: only rank 0 loaded weights, so the warm-up and the
+    pass can only run after sharding. The warm-up gives lora_A real scores; restoring the adapter
+    afterwards puts lora_B back to 0, where its unselected entries stay."""
+    settings = {**LORA, "fish_mask": {"keep_ratio": 0.3, "num_samples": 16, "warmup_steps": 2}}
+    fsdp_config = {**FSDP2["fsdp_config"], "cpu_ram_efficient_loading": True}
+    config = write_config(
+        tmp_path, tiny_llama_dir, alpaca_jsonl, **settings, **{**FSDP2, "fsdp_config": fsdp_config}
+    )
+    log = train_fsdp2(config)
+    assert "non-rank-0 params stay on meta" in log
+    assert "computed when training starts, on the model FSDP2 has sharded" in log
+    mask = FishMask.load(tmp_path / "out")
+    assert held_digests(log) == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}
+    assert mask.metadata["warmup_steps"] == 2 and "tie_breaks" not in mask.metadata
+    assert any("lora_A" in key and keep.any() for key, keep in mask.masks.items())
+    for folder in ("checkpoint-2", "checkpoint-4"):
+        adapter = gathered_weights(tmp_path / "out" / folder, tmp_path)
+        for key, keep in mask.masks.items():
+            if "lora_B" in key:
+                assert not adapter[key][~keep].any(), (folder, key)
+
+
 def test_resume_keeps_the_checkpoint_s_mask(lora_runs):
     tmp, _, resumed, _, _ = lora_runs
     mask = FishMask.load(tmp / "out")

@@ -104,13 +104,13 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
                 "fsdp_version": 2,
                 "fsdp_config": {"cpu_ram_efficient_loading": True},
             },
-            "without fish_mask.warmup_steps .* .adapter is 'llama-adapter'.",
+            "without fish_mask.score_after_sharding: false .adapter is 'llama-adapter'.",
         ),
         (
             {
                 "fsdp_version": 2,
                 "fsdp_config": {"cpu_ram_efficient_loading": True},
-                "fish_mask": {"keep_ratio": 0.5, "warmup_steps": 2},
+                "fish_mask": {"keep_ratio": 0.5, "score_after_sharding": False},
             },
             "Otherwise set `fsdp_config.cpu_ram_efficient_loading: false`",
         ),
@@ -143,6 +143,11 @@ def test_other_adapters_are_accepted_with_their_settings(make_cfg):
             "adapter": "bottleneck",
             "fsdp_version": 2,
             "fsdp_config": {"cpu_ram_efficient_loading": True},
+        },
+        {
+            "fsdp_version": 2,
+            "fsdp_config": {"cpu_ram_efficient_loading": True},
+            "fish_mask": {"keep_ratio": 0.5, "warmup_steps": 2},
         },
     ],
 )

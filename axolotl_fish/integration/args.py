@@ -117,12 +117,11 @@ def _check_sharding(data: dict[str, Any]) -> None:
     if efficient and (
         data.get("adapter") not in ("lora", "qlora", "bottleneck")
         or settings.get("score_after_sharding") is False
-        or settings.get("warmup_steps")
     ):
         raise ValueError(
             f"fish_mask with `fsdp_config.{efficient[0]}: true` needs the mask made after FSDP2 "
             f"shards the model, since only rank 0 holds the weights before: `adapter: lora`, "
-            f"`qlora` or `bottleneck`, without fish_mask.warmup_steps and "
-            f"fish_mask.score_after_sharding: false (adapter is {data.get('adapter')!r}). "
+            f"`qlora` or `bottleneck`, without fish_mask.score_after_sharding: false (adapter "
+            f"is {data.get('adapter')!r}). "
             f"Otherwise set `fsdp_config.{efficient[0]}: false`."
         )
