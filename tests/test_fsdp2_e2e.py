@@ -274,31 +274,6 @@ def test_value_reading_adapters_score_after_sharding_and_train_only_their_mask(
     assert moved > 0
 
 
-def test_warm_up_trains_the_sharded_adapter_after_rank_zero_only_loading(
-    tmp_path, tiny_llama_dir, alpaca_jsonl
-):
-    """`warmup_steps` on the sharded model: only rank 0 loaded weights, so the warm-up and the
-    pass can only run after sharding. The warm-up gives lora_A real scores; restoring the adapter
-    afterwards puts lora_B back to 0, where its unselected entries stay."""
-    settings = {**LORA, "fish_mask": {"keep_ratio": 0.3, "num_samples": 16, "warmup_steps": 2}}
-    fsdp_config = {**FSDP2["fsdp_config"], "cpu_ram_efficient_loading": True}
-    config = write_config(
-        tmp_path, tiny_llama_dir, alpaca_jsonl, **settings, **{**FSDP2, "fsdp_config": fsdp_config}
-    )
-    log = train_fsdp2(config)
-    assert "non-rank-0 params stay on meta" in log
-    assert "computed when training starts, on the model FSDP2 has sharded" in log
-    mask = FishMask.load(tmp_path / "out")
-    assert held_digests(log) == {"0": mask_digest(mask.masks), "1": mask_digest(mask.masks)}
-    assert mask.metadata["warmup_steps"] == 2 and "tie_breaks" not in mask.metadata
-    assert any("lora_A" in key and keep.any() for key, keep in mask.masks.items())
-    for folder in ("checkpoint-2", "checkpoint-4"):
-        adapter = gathered_weights(tmp_path / "out" / folder, tmp_path)
-        for key, keep in mask.masks.items():
-            if "lora_B" in key:
-                assert not adapter[key][~keep].any(), (folder, key)
-
-
 def test_resume_keeps_the_checkpoint_s_mask(lora_runs):
     tmp, _, resumed, _, _ = lora_runs
     mask = FishMask.load(tmp / "out")
@@ -409,16 +384,19 @@ def test_full_parameter_fsdp2_resume_continues_as_if_never_stopped(full_runs, tm
         torch.testing.assert_close(again[key], weight, rtol=0, atol=1e-6, msg=key)
 
 
-# Adapter-FISH: bottleneck size 4 masked to size 2's entries.
+# Adapter-FISH as adapters.md shows it: size 4 masked to size 2's entries after a dense warm-up
+# (at initialisation every down-projection scores exactly 0).
 BOTTLENECK = {"adapter": "bottleneck", "bottleneck": {"size": 4}, "max_steps": 4}
-BOTTLENECK_MASK = {"match_rank": 2, "num_samples": 8}
+BOTTLENECK_MASK = {"match_rank": 2, "num_samples": 8, "warmup_steps": 2}
 
 
 @pytest.fixture(scope="module")
 def bottleneck_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
-    """`adapter: bottleneck` under FSDP2: four steps with rank-0-only loading (checkpoints 2 and
-    4); a resume from its checkpoint-2, fully loaded, in another folder; and the mask computed
-    by one process on the whole model."""
+    """`adapter: bottleneck` with a warm-up under FSDP2: four steps with rank-0-only loading
+    (checkpoints 2 and 4), so the warm-up and the pass can only run on the sharded model; and a
+    resume from its checkpoint-2, fully loaded, in another folder. (That the sharded pass gives
+    one process's mask is `test_sharded_scoring`'s: a warm-up on 2 ranks averages 2 processes'
+    micro-batches, which one process does not.)"""
     settings = {**TRAINING, **BOTTLENECK, "fish_mask": BOTTLENECK_MASK}
     efficient = {**FSDP2["fsdp_config"], "cpu_ram_efficient_loading": True}
     straight = tmp_path_factory.mktemp("fsdp2_bottleneck")
@@ -436,21 +414,20 @@ def bottleneck_runs(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
         **FSDP2,
         resume_from_checkpoint=checkpoint,
     )
-    resumed_log = train_fsdp2(config)
-    run_axolotl(
-        ["fish-mask", "compute", str(config), "--output", str(resumed / MASK_FILENAME)], resumed
-    )
-    return straight / "out", log, resumed / "out", resumed_log, FishMask.load(resumed)
+    return straight / "out", log, resumed / "out", train_fsdp2(config)
 
 
-def test_bottleneck_fsdp2_scores_after_rank_zero_only_loading_as_one_process(bottleneck_runs):
-    out, log, _, _, single = bottleneck_runs
+def test_bottleneck_fsdp2_warms_up_and_scores_after_rank_zero_only_loading(bottleneck_runs):
+    out, log, _, _ = bottleneck_runs
     assert "non-rank-0 params stay on meta" in log  # Axolotl's rank-0-only loading was on
     assert "computed when training starts, on the model FSDP2 has sharded" in log
     mask = FishMask.load(out)
-    digest = mask_digest(single.masks)
-    assert held_digests(log) == {"0": digest, "1": digest} and mask_digest(mask.masks) == digest
+    digest = mask_digest(mask.masks)
+    assert held_digests(log) == {"0": digest, "1": digest}
     assert mask.k == 2 * (2 * 64 + 2 + 2 * 64 + 64) * 2  # size 2's entries: 2 layers, houlsby
+    # The warm-up moved the up-projections: the down-projections got real scores (no ties).
+    assert mask.metadata["warmup_steps"] == 2 and "tie_breaks" not in mask.metadata
+    assert any(".down." in key and keep.any() for key, keep in mask.masks.items())
 
 
 def test_bottleneck_fsdp2_saves_the_gathered_adapter_and_trains_only_the_mask(
@@ -458,8 +435,9 @@ def test_bottleneck_fsdp2_saves_the_gathered_adapter_and_trains_only_the_mask(
 ):
     """Every rank gathers the sharded adapter and rank 0 writes it whole: beside each sharded
     checkpoint, equal to that checkpoint's tensors, and at the end. Unselected entries keep their
-    initial values (the init is seeded: a fresh adapter on the base model)."""
-    out, _, _, _, _ = bottleneck_runs
+    initial values (the init is seeded: a fresh adapter on the base model), so the warm-up's
+    steps were undone."""
+    out, _, _, _ = bottleneck_runs
     mask = FishMask.load(out)
     initial = initial_bottleneck(tiny_llama_dir, **BOTTLENECK["bottleneck"])
     slices = slices_by_rank_file(out / "checkpoint-2")
@@ -478,7 +456,7 @@ def test_bottleneck_fsdp2_saves_the_gathered_adapter_and_trains_only_the_mask(
 
 
 def test_bottleneck_fsdp2_resume_continues_as_if_never_stopped(bottleneck_runs):
-    out, _, resumed, resumed_log, _ = bottleneck_runs
+    out, _, resumed, resumed_log = bottleneck_runs
     assert f"resuming with the mask saved in {out / 'checkpoint-2' / MASK_FILENAME}" in resumed_log
     straight, again = bottleneck_file(out), bottleneck_file(resumed)
     for key, tensor in straight.items():
