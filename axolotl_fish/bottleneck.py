@@ -174,7 +174,8 @@ def save_bottleneck(
         raise ValueError("The model has no bottleneck adapter to save.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = dict(gathered_bottleneck(model) if tensors is None else tensors)
+    if tensors is None:
+        tensors = gathered_bottleneck(model)
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     config = {"bottleneck": settings, "base_model_name_or_path": name}
     _write_atomically(folder / ADAPTER_FILENAME, lambda tmp: save_file(tensors, tmp))

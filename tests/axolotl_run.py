@@ -370,7 +370,16 @@ def initial_bottleneck(base_dir: Path, **settings: Any) -> dict[str, torch.Tenso
 
 def bottleneck_file(folder: Path) -> dict[str, torch.Tensor]:
     """Tensors of ``bottleneck_adapter.safetensors`` in an output or ``checkpoint-N`` folder."""
-    return load_file(Path(folder) / "bottleneck_adapter.safetensors")
+    from axolotl_fish.bottleneck import ADAPTER_FILENAME
+
+    return load_file(Path(folder) / ADAPTER_FILENAME)
+
+
+def moved_entries(
+    mask: Any, adapter: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> int:
+    """How many selected entries of ``adapter`` differ from ``reference`` (``mask``: a FishMask)."""
+    return sum(int((adapter[k] != reference[k])[keep].sum()) for k, keep in mask.masks.items())
 
 
 def assert_masked_entries_equal(
