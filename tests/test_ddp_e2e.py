@@ -122,7 +122,8 @@ def test_full_parameter_mode_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
 
 def test_bottleneck_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
     """`adapter: bottleneck`, 2 processes: both ranks hold the saved mask, and every saved adapter
-    keeps the unselected entries of the fresh (seeded) adapter."""
+    keeps the unselected entries of the fresh (seeded) adapter. The core's INFO line about the
+    adapters it built shows once (the first process's), not once per rank."""
     bottleneck = {"size": 4}
     settings = SETTINGS | {
         "adapter": "bottleneck",
@@ -135,6 +136,7 @@ def test_bottleneck_under_ddp(tmp_path, tiny_llama_dir, alpaca_jsonl):
     mask = FishMask.load(out)
     digest = mask_digest(mask.masks)
     assert held_digests(log) == {"0": digest, "1": digest}
+    assert log.count("bottleneck: 4 houlsby adapters of size 4 (relu)") == 1
     initial = initial_bottleneck(tiny_llama_dir, **bottleneck)
     assert_masked_entries_equal(mask, initial, [out / "checkpoint-2", out / "checkpoint-4", out])
     assert moved_entries(mask, bottleneck_file(out), initial) > 0

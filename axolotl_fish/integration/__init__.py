@@ -20,6 +20,7 @@ from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.distributed import rank_and_world
 from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
+from axolotl_fish.integration.core_logs import show_core_logs
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.integration.scoring_device import (
     on_training_device,
@@ -65,6 +66,7 @@ class FishMaskPlugin(BasePlugin):
         return bottleneck.callbacks(cfg, trainer)
 
     def register(self, cfg: dict) -> None:
+        show_core_logs()
         if cfg.get("fish_mask") is None and cfg.get("adapter") != bottleneck.ADAPTER:
             LOG.warning(
                 "FishMaskPlugin is listed but there is no `fish_mask:` block: it does nothing."

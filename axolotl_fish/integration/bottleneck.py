@@ -7,7 +7,6 @@ from typing import Any
 
 from axolotl.integrations.base import AdapterCapabilities
 from axolotl.utils.dict import DictDefault
-from axolotl.utils.logging import get_logger
 from pydantic import BaseModel, model_validator
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -16,11 +15,8 @@ from axolotl_fish.bottleneck import (
     BottleneckConfig,
     BottleneckSaveCallback,
     add_bottleneck,
-    describe_bottleneck,
     load_bottleneck,
 )
-
-LOG = get_logger(__name__)
 
 ADAPTER = "bottleneck"
 
@@ -69,11 +65,9 @@ def load(model: nn.Module, cfg: DictDefault, config_only: bool) -> tuple[nn.Modu
     if config_only:  # only Axolotl's rl trainers ask for a config, and they are refused above
         raise ValueError(f"adapter: {ADAPTER} has no PEFT config to give.")
     if cfg.lora_model_dir:
-        LOG.info(f"bottleneck: loading the adapter saved in {cfg.lora_model_dir}")
         load_bottleneck(model, cfg.lora_model_dir)
     else:
         add_bottleneck(model, BottleneckConfig(**(cfg.bottleneck or {})))
-    LOG.info(describe_bottleneck(model))
     return model, None
 
 
