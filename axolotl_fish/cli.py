@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from axolotl_fish.mask_file import FishMask
-from axolotl_fish.mask_source import load_mask
+from axolotl_fish.masks.file import FishMask
+from axolotl_fish.masks.source import load_mask
 
 
 def _load(source: str) -> FishMask:
@@ -60,15 +60,15 @@ def inspect(mask: str, png: Path | None, tensors: bool, card: bool) -> None:
     checkpoint), or a Hub reference hf://org/name[@revision][/path]."""
     loaded = _load(mask)
     if card:
-        from axolotl_fish.model_card import card_section
+        from axolotl_fish.reports.model_card import card_section
 
         click.echo(card_section(loaded, mask), nl=False)
     else:
-        from axolotl_fish.report import inspect_report
+        from axolotl_fish.reports.text import inspect_report
 
         click.echo(inspect_report(loaded, mask, per_tensor=tensors))
     if png is not None:
-        from axolotl_fish.heatmap import heatmap_title, save_heatmap
+        from axolotl_fish.reports.heatmap import heatmap_title, save_heatmap
 
         title = heatmap_title(loaded, mask)
         click.echo(f"heatmap written to {save_heatmap(loaded, png, title)}")
@@ -81,7 +81,7 @@ def diff(mask_a: str, mask_b: str) -> None:
     """Overlap of two masks of the same adapter: intersection, Jaccard, per module type.
 
     Each mask is a file, a folder holding one, or a Hub reference (hf://...)."""
-    from axolotl_fish.report import diff_report
+    from axolotl_fish.reports.text import diff_report
 
     a, b = _load(mask_a), _load(mask_b)
     try:
@@ -99,7 +99,7 @@ def apply(base_model: Path, delta: Path, out_dir: Path) -> None:
     """Rebuild a full-parameter FISH model: BASE_MODEL's folder with DELTA (a
     fish_delta.safetensors, or a folder holding one) applied, written to OUT_DIR. Refuses a
     delta made on another base model."""
-    from axolotl_fish.sparse_delta import apply_delta
+    from axolotl_fish.training.delta import apply_delta
 
     try:
         path = apply_delta(base_model, delta, out_dir)

@@ -86,7 +86,7 @@ class FishMaskConfig(BaseModel):
         default=None,
         description="Reuse a saved fish_mask.safetensors instead of computing one: a file, a "
         "folder holding one, or a Hub reference hf://org/name[@revision][/path] "
-        "(axolotl_fish.mask_source).",
+        "(axolotl_fish.masks.source).",
     )
     include: list[str] | None = Field(
         default=None,

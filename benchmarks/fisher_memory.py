@@ -57,8 +57,8 @@ def one_run(args: argparse.Namespace) -> int:
     from real_shapes import random_batches
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from axolotl_fish.adapter_tensors import adapter_parameters
-    from axolotl_fish.fisher import fisher_scores
+    from axolotl_fish.adapters.tensors import adapter_parameters
+    from axolotl_fish.fisher.scores import fisher_scores
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

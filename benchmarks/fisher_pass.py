@@ -28,8 +28,8 @@ from common import (
     timed,
 )
 
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.fisher.scores import fisher_scores
 
 
 def main() -> None:

@@ -39,13 +39,13 @@ from common import (
 )
 from torch import nn
 
-from axolotl_fish.adapter_tensors import model_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.masking import GradientMask
+from axolotl_fish.adapters.tensors import model_parameters
+from axolotl_fish.fisher.scores import fisher_scores
+from axolotl_fish.masks.selection import select_top_k
 from axolotl_fish.scorers.builtin import random_scores
-from axolotl_fish.selection import select_top_k
-from axolotl_fish.sparse_delta import DeltaRecorder
-from axolotl_fish.sparse_training import SparseTraining
+from axolotl_fish.training.delta import DeltaRecorder
+from axolotl_fish.training.masking import GradientMask
+from axolotl_fish.training.sparse import SparseTraining
 
 
 def base_model(path: Path) -> nn.Module:

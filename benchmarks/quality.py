@@ -199,7 +199,7 @@ class LabelScorer:
 
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         if adapter_dir is not None and (adapter_dir / "bottleneck_config.json").is_file():
-            from axolotl_fish.bottleneck import load_bottleneck
+            from axolotl_fish.adapters.bottleneck import load_bottleneck
 
             model = load_bottleneck(model, adapter_dir)
         elif adapter_dir is not None:
@@ -361,7 +361,7 @@ def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
 def mask_facts(run_dir: Path, method: Method) -> dict[str, Any]:
     """k and total from the saved mask; for a method that must train one factor kind only
     (LoRA-FA), check that the mask selects exactly every entry of that kind."""
-    from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+    from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
     if not (run_dir / MASK_FILENAME).is_file():  # a method without the plugin
         return {}
@@ -856,7 +856,7 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             raise SystemExit(
                 f"no data for task {missing[0]!r} at {DEFAULT_TASKS[missing[0]]}: build it with "
-                f"`python -m axolotl_fish.offline_assets --cache {CACHE}`"
+                f"`python -m axolotl_fish.demo.assets --cache {CACHE}`"
             )
         tasks = {
             name: load_task(

@@ -54,11 +54,11 @@ from common import (
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from axolotl_fish.adapter_tensors import adapter_parameters, model_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.fisher_chunks import fisher_scores_in_chunks
-from axolotl_fish.selection import select_top_k
-from axolotl_fish.sharded import names_of, parameters_by_name
+from axolotl_fish.adapters.tensors import adapter_parameters, model_parameters
+from axolotl_fish.base.sharded import names_of, parameters_by_name
+from axolotl_fish.fisher.chunks import fisher_scores_in_chunks
+from axolotl_fish.fisher.scores import fisher_scores
+from axolotl_fish.masks.selection import select_top_k
 
 Batch = dict[str, torch.Tensor]
 

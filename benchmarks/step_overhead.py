@@ -31,10 +31,10 @@ from common import (
 )
 from torch import nn
 
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.masking import GradientMask
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.masks.selection import select_top_k
 from axolotl_fish.scorers.builtin import random_scores
-from axolotl_fish.selection import select_top_k
+from axolotl_fish.training.masking import GradientMask
 
 
 class Variant:

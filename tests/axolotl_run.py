@@ -354,7 +354,7 @@ def bottleneck_model(base_dir: Path, **settings: Any) -> torch.nn.Module:
     a run's initial adapter, since the init is seeded."""
     from transformers import AutoModelForCausalLM
 
-    from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
+    from axolotl_fish.adapters.bottleneck import BottleneckConfig, add_bottleneck
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     return add_bottleneck(model, BottleneckConfig(**settings))
@@ -362,7 +362,7 @@ def bottleneck_model(base_dir: Path, **settings: Any) -> torch.nn.Module:
 
 def initial_bottleneck(base_dir: Path, **settings: Any) -> dict[str, torch.Tensor]:
     """The tensors of ``bottleneck_model``'s fresh adapter, keyed like the saved adapter."""
-    from axolotl_fish.bottleneck import bottleneck_parameters
+    from axolotl_fish.adapters.bottleneck import bottleneck_parameters
 
     adapter = bottleneck_parameters(bottleneck_model(base_dir, **settings))
     return {key: param.detach() for key, param in adapter.items()}
@@ -370,7 +370,7 @@ def initial_bottleneck(base_dir: Path, **settings: Any) -> dict[str, torch.Tenso
 
 def bottleneck_file(folder: Path) -> dict[str, torch.Tensor]:
     """Tensors of ``bottleneck_adapter.safetensors`` in an output or ``checkpoint-N`` folder."""
-    from axolotl_fish.bottleneck import ADAPTER_FILENAME
+    from axolotl_fish.adapters.bottleneck import ADAPTER_FILENAME
 
     return load_file(Path(folder) / ADAPTER_FILENAME)
 

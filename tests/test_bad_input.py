@@ -13,9 +13,9 @@ import pytest
 import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
-from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.adapters.tensors import adapter_parameters
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.fisher.scores import fisher_scores
 from axolotl_fish.integration import _load_mask
 
 

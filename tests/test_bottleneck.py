@@ -10,8 +10,7 @@ import torch
 from test_fisher import reference_fisher
 from tiny_peft import padded_batches, tiny_base_model
 
-from axolotl_fish.adapter_tensors import model_parameters, rank_axis, tensor_role
-from axolotl_fish.bottleneck import (
+from axolotl_fish.adapters.bottleneck import (
     ADAPTER_FILENAME,
     CONFIG_FILENAME,
     BottleneckConfig,
@@ -20,10 +19,11 @@ from axolotl_fish.bottleneck import (
     load_bottleneck,
     save_bottleneck,
 )
-from axolotl_fish.budget import budget_groups, entries_at_rank
-from axolotl_fish.compute import compute_fish_mask
+from axolotl_fish.adapters.tensors import model_parameters, rank_axis, tensor_role
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.fisher.scores import fisher_scores
+from axolotl_fish.masks.budget import budget_groups, entries_at_rank
+from axolotl_fish.pipeline.compute import compute_fish_mask
 
 
 def logits(model, batch):
@@ -109,7 +109,7 @@ def test_loader_refuses_what_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fisher_batched_path_matches_reference_without_per_example_loop(monkeypatch, arch):
-    import axolotl_fish.fisher as fisher
+    import axolotl_fish.fisher.scores as fisher
 
     def forbidden(*args, **kwargs):
         raise AssertionError("bottleneck projections must take the batched path")

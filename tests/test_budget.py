@@ -6,9 +6,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from axolotl_fish.budget import budget, budget_groups, entries_at_rank
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.selection import apportion, select_in_groups
+from axolotl_fish.masks.budget import budget, budget_groups, entries_at_rank
+from axolotl_fish.masks.selection import apportion, select_in_groups
 
 # A rank-4 adapter on two modules: A is r x in, B is out x r; plus a DoRA-like magnitude.
 TENSORS = {

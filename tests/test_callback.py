@@ -8,7 +8,7 @@ from tiny_peft import padded_batches, tiny_lora_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.adapters.tensors import adapter_parameters
 
 
 class RecordingTrainer(Trainer):

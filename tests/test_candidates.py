@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import adapter_parameters, count_entries
-from axolotl_fish.candidates import select_candidates
-from axolotl_fish.summary import summarize
+from axolotl_fish.adapters.tensors import adapter_parameters, count_entries
+from axolotl_fish.masks.candidates import select_candidates
+from axolotl_fish.reports.summary import summarize
 
 # tiny_lora_model targets q_proj, v_proj, down_proj in 2 layers: 12 LoRA factors.
 INCLUDE = [r"\.q_proj\.", r"\.down_proj\."]

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from axolotl_fish.cli import fish_mask
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
 EXAMPLES = Path(__file__).parent.parent / "example_configs"
 Q = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"

@@ -22,9 +22,9 @@ from axolotl_run import (
 )
 from safetensors.torch import load_file
 
-from axolotl_fish.distributed import mask_digest
-from axolotl_fish.mask_file import FishMask
-from axolotl_fish.sparse_delta import SparseDelta
+from axolotl_fish.base.ranks import mask_digest
+from axolotl_fish.masks.file import FishMask
+from axolotl_fish.training.delta import SparseDelta
 
 pytestmark = pytest.mark.e2e
 

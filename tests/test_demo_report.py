@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_peft import tiny_base_model, tiny_lora_model
 
-from axolotl_fish.integration.demo_report import common_prefix, next_token_logprobs
+from axolotl_fish.demo.report import common_prefix, next_token_logprobs
 
 PREFIX = [5, 9, 13, 2, 40, 41, 42]
 PROMPTS = [PREFIX + rest for rest in ([7], [8, 3, 3, 90], [60, 61], [7, 7, 7, 7, 7, 7], [11, 12])]

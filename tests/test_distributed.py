@@ -12,9 +12,9 @@ from axolotl_run import free_port
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.distributed import check_identical_across_ranks
-from axolotl_fish.fisher import fisher_scores
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.base.ranks import check_identical_across_ranks
+from axolotl_fish.fisher.scores import fisher_scores
 
 WORLD = 2
 STRATEGIES = ("fisher", "random", "reverse")

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from test_e2e_axolotl import FISH, HARSH, assert_frozen_outside_mask
 from transformers import AutoModelForCausalLM
 
-from axolotl_fish.bottleneck import load_bottleneck
-from axolotl_fish.mask_file import FishMask
+from axolotl_fish.adapters.bottleneck import load_bottleneck
+from axolotl_fish.masks.file import FishMask
 
 pytestmark = pytest.mark.e2e
 

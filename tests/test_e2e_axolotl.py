@@ -9,7 +9,7 @@ import torch
 from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
 from hub_cache import cache_file
 
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
 pytestmark = pytest.mark.e2e
 

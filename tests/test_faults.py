@@ -17,7 +17,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl_run import load_adapter_tensors, run_axolotl_train, start_axolotl_train, write_config
 
 from axolotl_fish.integration import _resume_mask_path
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
 # k below the lora_B count: masked B entries must stay exactly 0, and every lora_A is frozen.
 SETTINGS = {

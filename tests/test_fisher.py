@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.fisher import fisher_scores, label_losses, sampled_targets
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.fisher.scores import fisher_scores, label_losses, sampled_targets
 
 
 def reference_fisher(model, batches, params, num_samples):
@@ -73,7 +73,7 @@ def test_embedding_factors_match_reference(arch, embedding):
 
 @pytest.mark.parametrize("extra", [(), ("embed_tokens",)])
 def test_batched_covers_lora_and_embedding_factors_without_per_example_loop(monkeypatch, extra):
-    import axolotl_fish.fisher as fisher
+    import axolotl_fish.fisher.scores as fisher
 
     def forbidden(*args, **kwargs):
         raise AssertionError("plain LoRA factors must not take the per-example path")

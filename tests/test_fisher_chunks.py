@@ -8,11 +8,11 @@ import torch
 from test_fisher import max_relative_error
 from tiny_peft import padded_batches, tiny_base_model
 
-import axolotl_fish.fisher_chunks as fisher_chunks
+import axolotl_fish.fisher.chunks as fisher_chunks
 from axolotl_fish import FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import trainable_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.fisher_chunks import fisher_scores_in_chunks, tensor_chunks
+from axolotl_fish.adapters.tensors import trainable_parameters
+from axolotl_fish.fisher.chunks import fisher_scores_in_chunks, tensor_chunks
+from axolotl_fish.fisher.scores import fisher_scores
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3, 7, 1000])

@@ -9,12 +9,11 @@ from test_fisher import max_relative_error, reference_fisher
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 from torch import nn
 
-import axolotl_fish.fisher as fisher
-import axolotl_fish.fisher_rules as fisher_rules
-import axolotl_fish.fisher_taps as fisher_taps
-from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.fisher_rules import (
+import axolotl_fish.fisher.rules as fisher_rules
+import axolotl_fish.fisher.scores as fisher
+import axolotl_fish.fisher.taps as fisher_taps
+from axolotl_fish.adapters.tensors import adapter_parameters, trainable_parameters
+from axolotl_fish.fisher.rules import (
     DoraMagnitudeRule,
     EmbeddingRule,
     LinearRule,
@@ -23,6 +22,7 @@ from axolotl_fish.fisher_rules import (
     claim_rules,
     sum_of_squared_outer,
 )
+from axolotl_fish.fisher.scores import fisher_scores
 
 
 def no_per_example_loop(monkeypatch) -> None:

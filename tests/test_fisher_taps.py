@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 
-import axolotl_fish.fisher_taps as fisher_taps
-from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.fisher_rules import LinearRule, NormRule
+import axolotl_fish.fisher.taps as fisher_taps
+from axolotl_fish.adapters.tensors import adapter_parameters, trainable_parameters
+from axolotl_fish.fisher.rules import LinearRule, NormRule
+from axolotl_fish.fisher.scores import fisher_scores
 
 
 def held_at_each_add(monkeypatch) -> list[tuple[int, int]]:

@@ -32,10 +32,10 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from axolotl_fish.distributed import mask_digest
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
-from axolotl_fish.sparse_delta import DELTA_FILENAME, SparseDelta, apply_delta
-from axolotl_fish.sparse_training import VALUES_SUFFIX
+from axolotl_fish.base.ranks import mask_digest
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
+from axolotl_fish.training.delta import DELTA_FILENAME, SparseDelta, apply_delta
+from axolotl_fish.training.sparse import VALUES_SUFFIX
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ from tiny_peft import padded_batches, tiny_base_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import trainable_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.sparse_delta import SparseDelta
+from axolotl_fish.adapters.tensors import trainable_parameters
+from axolotl_fish.fisher.scores import fisher_scores
+from axolotl_fish.training.delta import SparseDelta
 
 MODEL_FILE = "model.safetensors"
 

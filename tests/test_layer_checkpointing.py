@@ -23,15 +23,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from axolotl_fish.adapter_tensors import adapter_parameters, trainable_parameters
-from axolotl_fish.fisher import fisher_scores
-from axolotl_fish.fisher_taps import RuleTaps
-from axolotl_fish.layer_checkpointing import (
+from axolotl_fish.adapters.tensors import adapter_parameters, trainable_parameters
+from axolotl_fish.fisher.checkpointing import (
     checkpointed_layers,
     checkpointing_enabled,
     decoder_layers,
 )
-from axolotl_fish.warmup import dense_warmup
+from axolotl_fish.fisher.scores import fisher_scores
+from axolotl_fish.fisher.taps import RuleTaps
+from axolotl_fish.training.warmup import dense_warmup
 
 BATCHES = padded_batches(n_rows=8, batch_size=4)
 
@@ -184,7 +184,7 @@ def test_a_layer_called_twice_per_forward_pairs_each_recomputation_with_its_own_
 def test_a_recomputation_that_stops_early_is_refused_not_scored_without_inputs(monkeypatch):
     """PyTorch's default non-reentrant checkpoint stops recomputing once the saved tensors are
     back, before the layer's last module runs again: that module's input would never come."""
-    import axolotl_fish.layer_checkpointing as layer_checkpointing
+    import axolotl_fish.fisher.checkpointing as layer_checkpointing
 
     def stopping_early(function, *args, early_stop, **kwargs):
         return checkpoint(function, *args, early_stop=True, **kwargs)

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-import axolotl_fish.safetensors_io as safetensors_io
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+import axolotl_fish.base.safetensors_io as safetensors_io
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
 
 def sample_mask() -> FishMask:

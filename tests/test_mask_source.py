@@ -11,8 +11,8 @@ from hub_cache import COMMIT, cache_file
 from huggingface_hub import constants
 from test_cli import invoke
 
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
-from axolotl_fish.mask_source import load_mask
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.source import load_mask
 
 REPO = "fish-org/smollm2-sentiment-fish"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.masking import GradientMask
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.masks.selection import select_top_k
 from axolotl_fish.scorers.builtin import random_scores
-from axolotl_fish.selection import select_top_k
+from axolotl_fish.training.masking import GradientMask
 
 
 def masked_setup(keep: float = 0.3, empty_key_part: str | None = "lora_A"):

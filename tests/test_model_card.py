@@ -16,8 +16,8 @@ from axolotl_run import train_in_process, write_config
 from huggingface_hub.utils import filter_repo_objects
 
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
-from axolotl_fish.model_card import SECTION_START, add_card_section, card_section
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
+from axolotl_fish.reports.model_card import SECTION_START, add_card_section, card_section
 
 KEY = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.weight"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_fish import offline_assets
+from axolotl_fish.demo import assets as offline_assets
 
 
 def tar_bytes(files: dict[str, bytes]) -> bytes:

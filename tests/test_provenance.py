@@ -9,9 +9,9 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from tiny_peft import TARGETS, padded_batches, tiny_base_model, tiny_lora_model
 
-from axolotl_fish.compute import compute_fish_mask
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.provenance import check_mask_fits
+from axolotl_fish.pipeline.compute import compute_fish_mask
+from axolotl_fish.pipeline.provenance import check_mask_fits
 
 
 def rank_8_model():

@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-from axolotl_fish.adapter_tensors import layer_index
-from axolotl_fish.heatmap import heatmap_grid, save_heatmap
-from axolotl_fish.mask_file import FishMask
-from axolotl_fish.report import diff_report, inspect_report, overlaps
-from axolotl_fish.summary import layer, selected_fractions
+from axolotl_fish.adapters.tensors import layer_index
+from axolotl_fish.masks.file import FishMask
+from axolotl_fish.reports.heatmap import heatmap_grid, save_heatmap
+from axolotl_fish.reports.summary import layer, selected_fractions
+from axolotl_fish.reports.text import diff_report, inspect_report, overlaps
 
 PREFIX = "base_model.model.model"
 

@@ -11,10 +11,10 @@ import torch
 from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
 from tiny_peft import padded_batches, tiny_lora_model
 
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.compute import compute_fish_mask
+from axolotl_fish.adapters.tensors import adapter_parameters
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.mask_file import FishMask
+from axolotl_fish.masks.file import FishMask
+from axolotl_fish.pipeline.compute import compute_fish_mask
 from axolotl_fish.scorers import Scores, ScoringContext, available_scorers, hookimpl, score
 from axolotl_fish.scorers.registry import plugin_manager
 

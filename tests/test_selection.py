@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_fish.selection import select_top_k
+from axolotl_fish.masks.selection import select_top_k
 
 
 def count(masks):

@@ -22,13 +22,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from axolotl_fish import FishMask, FishMaskCallback, FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import trainable_parameters
-from axolotl_fish.mask_file import MASK_FILENAME
+from axolotl_fish.adapters.tensors import trainable_parameters
+from axolotl_fish.base.sharded import flat_range, local_mask, parameters_by_name
+from axolotl_fish.masks.file import MASK_FILENAME
+from axolotl_fish.masks.selection import select_top_k
 from axolotl_fish.scorers.builtin import random_scores
-from axolotl_fish.selection import select_top_k
-from axolotl_fish.sharded import flat_range, local_mask, parameters_by_name
-from axolotl_fish.sparse_delta import DELTA_FILENAME, SparseDelta
-from axolotl_fish.sparse_training import VALUES_SUFFIX
+from axolotl_fish.training.delta import DELTA_FILENAME, SparseDelta
+from axolotl_fish.training.sparse import VALUES_SUFFIX
 
 WORLD = 2
 STEPS = 3

@@ -33,14 +33,17 @@ from torch.distributed.fsdp import fully_shard
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from axolotl_fish import FishMask, FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import trainable_parameters
-from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck
-from axolotl_fish.distributed import mask_digest
-from axolotl_fish.fisher_rules import claim_rules
-from axolotl_fish.fisher_taps import check_gathered
+from axolotl_fish.adapters.bottleneck import BottleneckConfig, add_bottleneck
+from axolotl_fish.adapters.tensors import trainable_parameters
+from axolotl_fish.base.ranks import mask_digest
+from axolotl_fish.base.sharded import names_of, parameters_by_name
+from axolotl_fish.distributed.sharded_scoring import (
+    ScoredWhenTrainingStarts,
+    why_not_after_sharding,
+)
+from axolotl_fish.fisher.rules import claim_rules
+from axolotl_fish.fisher.taps import check_gathered
 from axolotl_fish.integration.scoring_device import scores_after_sharding
-from axolotl_fish.sharded import names_of, parameters_by_name
-from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts, why_not_after_sharding
 
 WORLD = 2
 STEPS = 3

@@ -6,7 +6,7 @@ import torch
 from tiny_peft import padded_batches, tiny_lora_model
 
 from axolotl_fish import FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import adapter_parameters
+from axolotl_fish.adapters.tensors import adapter_parameters
 
 
 def fished(warmup_steps: int, restore: bool = True, strategy: str = "fisher"):

@@ -13,11 +13,11 @@ import torch
 from tiny_peft import padded_batches, tiny_base_model, tiny_lora_model
 
 from axolotl_fish import FishMaskConfig, compute_fish_mask
-from axolotl_fish.adapter_tensors import adapter_parameters
-from axolotl_fish.bottleneck import BottleneckConfig, add_bottleneck, bottleneck_parameters
-from axolotl_fish.provenance import check_mask_fits
-from axolotl_fish.summary import summarize
-from axolotl_fish.zero_updates import modules_fixed_at_zero
+from axolotl_fish.adapters.bottleneck import BottleneckConfig, add_bottleneck, bottleneck_parameters
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.pipeline.provenance import check_mask_fits
+from axolotl_fish.reports.summary import summarize
+from axolotl_fish.training.zero_updates import modules_fixed_at_zero
 
 
 def lora_modules(params) -> set[str]:
@@ -30,7 +30,7 @@ def test_reverse_at_lora_init_fixes_every_module_and_says_so(caplog):
     model = tiny_lora_model("llama", nonzero_b=False)
     params = adapter_parameters(model)
     config = FishMaskConfig(keep_ratio=0.3, num_samples=8, strategy="reverse")
-    with caplog.at_level(logging.WARNING, logger="axolotl_fish.zero_updates"):
+    with caplog.at_level(logging.WARNING, logger="axolotl_fish.training.zero_updates"):
         mask = compute_fish_mask(model, padded_batches(8, 4), config, progress=False)
     assert not any(m.any() for key, m in mask.masks.items() if "lora_B" in key)
     fixed = mask.metadata["modules_fixed_at_zero"]
@@ -48,7 +48,7 @@ def test_reverse_at_lora_init_fixes_every_module_and_says_so(caplog):
 def test_masks_that_reach_every_output_side_record_nothing(strategy, scope, caplog):
     model = tiny_lora_model("llama", nonzero_b=False)
     config = FishMaskConfig(keep_ratio=0.3, num_samples=8, strategy=strategy, scope=scope)
-    with caplog.at_level(logging.WARNING, logger="axolotl_fish.zero_updates"):
+    with caplog.at_level(logging.WARNING, logger="axolotl_fish.training.zero_updates"):
         mask = compute_fish_mask(model, padded_batches(8, 4), config, progress=False)
     assert "modules_fixed_at_zero" not in mask.metadata
     assert "output side" not in caplog.text
@@ -63,12 +63,12 @@ def test_a_loaded_mask_is_checked_against_the_adapter_it_applies_to(caplog):
     mask = compute_fish_mask(made, padded_batches(8, 4), config, progress=False)
     recorded = list(mask.metadata["modules_fixed_at_zero"])
     mask.metadata["modules_fixed_at_zero"] = ["stale"]
-    with caplog.at_level(logging.WARNING, logger="axolotl_fish.zero_updates"):
+    with caplog.at_level(logging.WARNING, logger="axolotl_fish.training.zero_updates"):
         check_mask_fits(mask, tiny_lora_model("llama", seed=1, nonzero_b=False), "m.safetensors")
     assert mask.metadata["modules_fixed_at_zero"] == recorded
     assert "The mask m.safetensors decided this" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="axolotl_fish.zero_updates"):
+    with caplog.at_level(logging.WARNING, logger="axolotl_fish.training.zero_updates"):
         check_mask_fits(mask, tiny_lora_model("llama", nonzero_b=True), "m.safetensors")
     assert "modules_fixed_at_zero" not in mask.metadata
     assert "output side" not in caplog.text

@@ -1,4 +1,8 @@
-"""The Axolotl plugin: translates the `fish_mask:` config into calls to the core."""
+"""The Axolotl plugin: translates the `fish_mask:` config into calls to the core.
+
+Floor 6: the only room (with `cli` and `demo` above it) that imports Axolotl; may import every
+core room.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from axolotl.utils.logging import get_logger
 from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
 
-from axolotl_fish.adapter_tensors import trains_own_weights
-from axolotl_fish.callback import FishMaskCallback
-from axolotl_fish.compute import compute_fish_mask
+from axolotl_fish.adapters.tensors import trains_own_weights
+from axolotl_fish.base.ranks import rank_and_world
 from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.distributed import rank_and_world
+from axolotl_fish.distributed.sharded_scoring import ScoredWhenTrainingStarts
+from axolotl_fish.fisher.checkpointing import checkpointed_layers
 from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.core_logs import show_core_logs
@@ -27,14 +31,14 @@ from axolotl_fish.integration.scoring_device import (
     scores_after_sharding,
     under_fsdp2,
 )
-from axolotl_fish.layer_checkpointing import checkpointed_layers
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
-from axolotl_fish.mask_source import load_mask
-from axolotl_fish.model_card import add_card_section_on_create
-from axolotl_fish.provenance import check_mask_fits
-from axolotl_fish.sharded_scoring import ScoredWhenTrainingStarts
-from axolotl_fish.sparse_delta import DELTA_FILENAME
-from axolotl_fish.summary import summarize
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.source import load_mask
+from axolotl_fish.pipeline.compute import compute_fish_mask
+from axolotl_fish.pipeline.provenance import check_mask_fits
+from axolotl_fish.reports.model_card import add_card_section_on_create
+from axolotl_fish.reports.summary import summarize
+from axolotl_fish.training.callback import FishMaskCallback
+from axolotl_fish.training.delta import DELTA_FILENAME
 
 LOG = get_logger(__name__)
 

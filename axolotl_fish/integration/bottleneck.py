@@ -1,5 +1,5 @@
 """`adapter: bottleneck` for Axolotl: the `bottleneck:` config block and the adapter loader
-(Axolotl's adapter plugin API), translated to `axolotl_fish.bottleneck`."""
+(Axolotl's adapter plugin API), translated to `axolotl_fish.adapters.bottleneck`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import BaseModel, model_validator
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from axolotl_fish.bottleneck import (
+from axolotl_fish.adapters.bottleneck import (
     BottleneckConfig,
     BottleneckSaveCallback,
     add_bottleneck,

@@ -17,8 +17,8 @@ from axolotl.utils.logging import get_logger
 from torch import nn
 
 from axolotl_fish.config import FishMaskConfig
+from axolotl_fish.distributed.sharded_scoring import why_not_after_sharding
 from axolotl_fish.integration.args import EFFICIENT_LOADING_KEYS
-from axolotl_fish.sharded_scoring import why_not_after_sharding
 
 LOG = get_logger(__name__)
 

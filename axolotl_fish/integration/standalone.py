@@ -9,7 +9,7 @@ import yaml
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
-from axolotl_fish.mask_file import MASK_FILENAME, FishMask
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
 LOG = get_logger(__name__)
 _FSDP_KEYS = ("fsdp", "fsdp_config", "fsdp_version")

@@ -1,8 +1,9 @@
 """Pluggable importance scorers (pluggy project `axolotl_fish`).
 
 `fish_mask.strategy` names a scorer. Built-in: `fisher`, `random`, `reverse`; more come from
-installed packages through the `axolotl_fish.scorers` entry-point group. See the README,
-"Writing a scorer".
+installed packages through the `axolotl_fish.scorers` entry-point group. See docs/scorers.md.
+
+Floor 3: may import `base`, `config`, `fisher`; never Axolotl.
 """
 
 from axolotl_fish.scorers.registry import (

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from axolotl_fish.fisher_chunks import fisher_scores_in_chunks
+from axolotl_fish.fisher.chunks import fisher_scores_in_chunks
 from axolotl_fish.scorers.spec import Scorer, Scores, ScoringContext, hookimpl
 
 

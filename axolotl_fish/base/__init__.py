@@ -1,0 +1,5 @@
+"""Shared helpers every room may use: rank agreement (`ranks`), FSDP2/DTensor local slices
+(`sharded`), RNG preservation (`rng`) and safetensors I/O with atomic writes (`safetensors_io`).
+
+Floor 1: imports nothing from axolotl_fish; never imports Axolotl.
+"""

@@ -1,0 +1,5 @@
+"""The `make demo` pieces: building the offline SmolLM2-135M model and data (`assets`) and the
+before/after report (`report`). Not part of the library.
+
+Floor 7: may import anything in axolotl_fish.
+"""
