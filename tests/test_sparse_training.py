@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 from tiny_peft import padded_batches, tiny_base_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from axolotl_fish import FishMask, FishMaskCallback, sparse_training
+from axolotl_fish import FishMask, FishMaskCallback
 from axolotl_fish.adapters.tensors import saved_state, trainable_parameters
 from axolotl_fish.cli import fish_mask
 from axolotl_fish.masks.selection import select_top_k
 from axolotl_fish.scorers.builtin import random_scores
+from axolotl_fish.training import sparse as sparse_training
 from axolotl_fish.training.delta import DELTA_FILENAME, SparseDelta, apply_delta
 from axolotl_fish.training.masking import GradientMask
 from axolotl_fish.training.sparse import VALUES_SUFFIX, SparseTraining
