@@ -43,7 +43,7 @@ class TieRecord(BaseModel):
     """A `tie_breaks` entry (masks.selection.TieBreak)."""
 
     model_config = ConfigDict(strict=True)
-    score: float = Field(allow_inf_nan=False)
+    score: float  # a scorer may tie entries at -inf
     tied: Count
     chosen: Count
 
