@@ -59,8 +59,13 @@ def inspect(mask: str, png: Path | None, tensors: bool, card: bool) -> None:
     MASK is a mask file, a folder holding fish_mask.safetensors (an adapter's output_dir or
     checkpoint), or a Hub reference hf://org/name[@revision][/path]."""
     loaded = _load(mask)
-    if png is not None and not loaded.masks:
-        raise click.ClickException(f"{mask} holds no tensors: there is no heatmap to draw (--png).")
+    if png is not None:  # before any output, so a bad --png is the only line
+        if not loaded.masks:
+            raise click.ClickException(f"{mask} holds no tensors: there is no heatmap to draw.")
+        try:
+            png.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise click.ClickException(f"--png {png}: {err}") from err
     if card:
         from axolotl_fish.reports.model_card import card_section
 
@@ -74,7 +79,6 @@ def inspect(mask: str, png: Path | None, tensors: bool, card: bool) -> None:
 
         title = heatmap_title(loaded, mask)
         try:
-            png.parent.mkdir(parents=True, exist_ok=True)
             written = save_heatmap(loaded, png, title)
         except OSError as err:
             raise click.ClickException(f"--png {png}: {err}") from err

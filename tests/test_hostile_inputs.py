@@ -277,6 +277,18 @@ CASES: list[Case] = [
             "e.safetensors holds no tensors: there is no heatmap to draw",
         ),
     ),
+    (
+        "png-under-a-file",
+        lambda d: (
+            [
+                "inspect",
+                saved_mask(d / "a.safetensors", seed=0),
+                "--png",
+                d / "a.safetensors" / "x.png",
+            ],
+            "--png",
+        ),
+    ),
     # 7. Hub references with `..`
     ("hub-revision-dotdot", lambda d: (["inspect", "hf://org/name@../main"], "contains '..'")),
     ("hub-path-dotdot", lambda d: (["inspect", "hf://org/name/../x"], "contains '..'")),
@@ -354,14 +366,14 @@ def test_a_refusing_hub_endpoint_is_one_error_line(tmp_path):
 
 
 CONFIG_CASES = [
-    ({"seed": 2**64}, "seed"),
-    ({"seed": -1}, "seed"),
-    ({"mask_path": ""}, "mask_path"),
-    ({"mask_path": "   "}, "mask_path"),
-    ({"mask_path": "hf://org/name@../main"}, "contains '..'"),
+    ({"seed": 2**64}, "less than or equal to 4294967295"),  # failed after the Fisher pass
+    ({"seed": -1}, "greater than or equal to 0"),
+    ({"mask_path": ""}, "is empty"),  # meant the current folder
+    ({"mask_path": "   "}, "is empty"),
+    ({"mask_path": "hf://org/name@../main"}, "the revision '..' contains '..'"),
+    ({"mask_path": "hf://org/name/a/../../b"}, "the path 'a/../../b' contains '..'"),
     ({"mask_path": "hf://buckets/org/b"}, "not a bucket"),
     ({"mask_path": "hf://just-a-name"}, "Invalid HF URI"),
-    ({"include": ["("]}, "not a valid regular expression"),
 ]
 
 
@@ -371,9 +383,10 @@ def test_config_values_that_would_fail_later_fail_at_validation(
     setting,
     message,
 ):
-    cfg = make_cfg(fish_mask={"keep_ratio": 0.5, **setting})
-    with pytest.raises(ValueError, match="fish_mask") as err:
-        validated(cfg)
+    """Through Axolotl's own validation, naming the key."""
+    with pytest.raises(ValueError) as err:
+        validated(make_cfg(fish_mask={"keep_ratio": 0.5, **setting}))
+    assert f"fish_mask.{next(iter(setting))}\n" in str(err.value)
     assert message in str(err.value)
 
 
