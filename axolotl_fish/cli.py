@@ -59,6 +59,13 @@ def inspect(mask: str, png: Path | None, tensors: bool, card: bool) -> None:
     MASK is a mask file, a folder holding fish_mask.safetensors (an adapter's output_dir or
     checkpoint), or a Hub reference hf://org/name[@revision][/path]."""
     loaded = _load(mask)
+    if png is not None:  # before any output, so a bad --png is the only line
+        if not loaded.masks:
+            raise click.ClickException(f"{mask} holds no tensors: there is no heatmap to draw.")
+        try:
+            png.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise click.ClickException(f"--png {png}: {err}") from err
     if card:
         from axolotl_fish.reports.model_card import card_section
 
@@ -71,7 +78,11 @@ def inspect(mask: str, png: Path | None, tensors: bool, card: bool) -> None:
         from axolotl_fish.reports.heatmap import heatmap_title, save_heatmap
 
         title = heatmap_title(loaded, mask)
-        click.echo(f"heatmap written to {save_heatmap(loaded, png, title)}")
+        try:
+            written = save_heatmap(loaded, png, title)
+        except OSError as err:
+            raise click.ClickException(f"--png {png}: {err}") from err
+        click.echo(f"heatmap written to {written}")
 
 
 @fish_mask.command()
@@ -97,8 +108,8 @@ def diff(mask_a: str, mask_b: str) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 def apply(base_model: Path, delta: Path, out_dir: Path) -> None:
     """Rebuild a full-parameter FISH model: BASE_MODEL's folder with DELTA (a
-    fish_delta.safetensors, or a folder holding one) applied, written to OUT_DIR. Refuses a
-    delta made on another base model."""
+    fish_delta.safetensors, or a folder holding one) applied, written to OUT_DIR (a new or empty
+    folder outside BASE_MODEL). Refuses a delta made on another base model."""
     from axolotl_fish.training.delta import apply_delta
 
     try:

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Literal
 
+from huggingface_hub import HfUri, parse_hf_uri
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FisherKind = Literal["empirical", "sampled"]
 Scope = Literal["global", "per_tensor", "per_matrix"]
 BUDGET_KEYS = ("keep_ratio", "keep_params", "match_rank")
+HUB_PREFIX = "hf://"
+# Seeds of torch.Generator are 64-bit; the sampled-label draws add (example index << 32).
+MAX_SEED = 2**32 - 1
+
+
+def check_patterns(patterns: Sequence[str]) -> None:
+    """Raise ValueError unless every pattern is a valid regular expression."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+
+
+def check_hub_reference(reference: str) -> HfUri:
+    """The parts of a Hub reference `hf://[<TYPE>/]<ORG>/<NAME>[@<REVISION>][/<PATH>]`
+    (huggingface_hub's syntax), refusing buckets and `..` in the revision or the path."""
+    uri = parse_hf_uri(reference)  # HfUriError (a ValueError) names what is malformed
+    if uri.is_bucket:
+        raise ValueError(f"{reference}: a FISH mask is read from a repository, not a bucket.")
+    for part, value in (("revision", uri.revision or ""), ("path", uri.path_in_repo)):
+        if ".." in value.split("/"):
+            raise ValueError(f"{reference}: the {part} {value!r} contains '..'.")
+    return uri
 
 
 class FishMaskConfig(BaseModel):
@@ -80,7 +106,10 @@ class FishMaskConfig(BaseModel):
         "sharding, with the whole model on one device.",
     )
     seed: int = Field(
-        default=42, description="Seeds tie-breaking and the `random` strategy; same on every rank."
+        default=42,
+        ge=0,
+        le=MAX_SEED,
+        description="Seeds tie-breaking and the `random` strategy; same on every rank.",
     )
     mask_path: str | None = Field(
         default=None,
@@ -103,12 +132,17 @@ class FishMaskConfig(BaseModel):
     @field_validator("include", "exclude")
     @classmethod
     def valid_patterns(cls, patterns: list[str] | None) -> list[str] | None:
-        for pattern in patterns or ():
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+        check_patterns(patterns or ())
         return patterns
+
+    @field_validator("mask_path")
+    @classmethod
+    def usable_mask_path(cls, mask_path: str | None) -> str | None:
+        if mask_path is not None and not mask_path.strip():
+            raise ValueError("is empty: name a mask file, a folder holding one, or hf://org/name")
+        if mask_path is not None and mask_path.startswith(HUB_PREFIX):
+            check_hub_reference(mask_path)
+        return mask_path
 
     @model_validator(mode="after")
     def one_budget(self) -> FishMaskConfig:

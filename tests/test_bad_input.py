@@ -4,7 +4,8 @@ test_provenance.py.)
 
 (Out-of-range budgets, num_samples 0, unknown strategies, a missing adapter, DeepSpeed/FSDP:
 test_plugin_config.py; unreadable and mismatched mask files: test_mask_file.py; more samples
-than data: test_fisher.py.)
+than data: test_fisher.py; hostile files and references - forged deltas, bad mask metadata, Hub
+references, `apply` into the base: test_hostile_inputs.py.)
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def test_card_section_says_how_the_adapter_was_made():
         "| warm-up | 5 dense steps before scoring; then every entry was put back to its initial "
         "value |",
         "| seed | 7 |",
-        "| outside the mask | 96 entries trained densely (include ['self_attn'], exclude None) |",
+        '| outside the mask | 96 entries trained densely (include `["self_attn"]`, exclude '
+        "`null`) |",
         "| `q_proj` | 10 | 16 | 62.50% |",
         "| `v_proj` | 4 | 16 | 25.00% |",
         "| `lora_A` | 2 | 16 | 12.50% |",

@@ -20,15 +20,17 @@ def select_candidates(
     trainable: Mapping[str, nn.Parameter],
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    owner: str = "fish_mask.",
 ) -> dict[str, nn.Parameter]:
     """The tensors whose saved name matches an `include` pattern (all, if None) and no `exclude`
     pattern (`re.search`). A pattern that matches no trainable tensor is an error: it is
-    almost always a typo, and silently ignoring it would change what the budget counts."""
+    almost always a typo, and silently ignoring it would change what the budget counts.
+    `owner` prefixes the field in errors: the config key, or the mask file that recorded it."""
     for field, patterns in (("include", include), ("exclude", exclude)):
         unmatched = [p for p in patterns or () if not any(re.search(p, key) for key in trainable)]
         if unmatched:
             raise ValueError(
-                f"fish_mask.{field} pattern(s) {unmatched} match no trainable tensor; names look "
+                f"{owner}{field} pattern(s) {unmatched} match no trainable tensor; names look "
                 f"like {next(iter(trainable))!r}."
             )
     candidates = {
@@ -39,13 +41,16 @@ def select_candidates(
     }
     if not candidates:
         raise ValueError(
-            f"fish_mask.include={include} with exclude={exclude} leaves no tensor to mask."
+            f"{owner}include={include} with exclude={exclude} leaves no tensor to mask."
         )
     return candidates
 
 
-def governed_by(mask: FishMask, trainable: Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+def governed_by(
+    mask: FishMask, trainable: Mapping[str, nn.Parameter], source: str = "the mask"
+) -> dict[str, nn.Parameter]:
     """The tensors a saved mask governs among a model's `trainable` ones: its own recorded
-    include/exclude (not the config's)."""
+    include/exclude (not the config's); errors blame the mask read from `source`."""
     meta = mask.metadata
-    return select_candidates(trainable, meta.get("include"), meta.get("exclude"))
+    owner = f"{source}: the mask's recorded "
+    return select_candidates(trainable, meta.get("include"), meta.get("exclude"), owner)

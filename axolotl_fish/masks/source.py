@@ -21,12 +21,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download, parse_hf_uri
+import httpx
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 
+from axolotl_fish.config import HUB_PREFIX, check_hub_reference
 from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 
-HUB_PREFIX = "hf://"
+# What a download can raise besides a missing file: an HTTP error, the endpoint refusing or
+# unreachable (httpx; huggingface_hub may surface it as a RuntimeError of its closed client).
+_DOWNLOAD_ERRORS = (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    httpx.HTTPError,
+    OSError,
+    RuntimeError,
+)
 
 
 def is_hub_reference(source: str | os.PathLike[str]) -> bool:
@@ -36,9 +47,7 @@ def is_hub_reference(source: str | os.PathLike[str]) -> bool:
 
 def download_hub_mask(reference: str) -> Path:
     """The local (cached) path of the mask file `reference` names; errors name the reference."""
-    uri = parse_hf_uri(reference)  # HfUriError (a ValueError) names what is malformed
-    if uri.is_bucket:
-        raise ValueError(f"{reference}: a FISH mask is read from a repository, not a bucket.")
+    uri = check_hub_reference(reference)
     path = uri.path_in_repo.strip("/")
     if not path.endswith(".safetensors"):
         path = f"{path}/{MASK_FILENAME}" if path else MASK_FILENAME
@@ -51,18 +60,18 @@ def download_hub_mask(reference: str) -> Path:
             repo_type=uri.type,
             revision=uri.revision,
         )
-    except (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as err:
-        where = f"{uri.type} repository {uri.id!r}, revision {uri.revision or 'main'!r}"
-        offline = (
-            f" HF_HUB_OFFLINE is set, so only the local Hub cache ({constants.HF_HUB_CACHE}) "
-            f"was read."
-            if constants.is_offline_mode()
-            else ""
-        )
-        raise FileNotFoundError(
-            f"No FISH mask at {reference} (file {path!r} in the {where}).{offline} "
-            f"{type(err).__name__}: {err}"
-        ) from err
+    except _DOWNLOAD_ERRORS as err:
+        where = f"file {path!r} in the {uri.type} repository {uri.id!r}, revision "
+        where += repr(uri.revision or "main")
+        if constants.is_offline_mode():
+            why = f"HF_HUB_OFFLINE is set, so only the local Hub cache ({constants.HF_HUB_CACHE}) "
+            why += "was read."
+        elif isinstance(err, EntryNotFoundError):
+            why = "The Hub has no such file."
+        else:
+            why = f"The Hub endpoint {constants.ENDPOINT} could not be read."
+        detail = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        raise FileNotFoundError(f"No FISH mask at {reference} ({where}). {why} {detail}") from err
     return Path(local)
 
 

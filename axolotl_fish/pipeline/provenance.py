@@ -39,7 +39,7 @@ def check_mask_fits(mask: FishMask, model: nn.Module, source: str) -> None:
         f"{name}: mask {saved!r}, this run {value!r}"
         for name, (saved, value) in adapter_differences(mask, model).items()
     )
-    params = governed_by(mask, trainable_parameters(model))
+    params = governed_by(mask, trainable_parameters(model), source)
     try:
         mask.check_matches(params)
     except ValueError as err:

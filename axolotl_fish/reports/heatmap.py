@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from axolotl_fish.masks.file import FishMask
-from axolotl_fish.reports.summary import layer, module_type, selected_fractions
+from axolotl_fish.reports.summary import layer, module_type, percent, selected_fractions
 
 # Cells are labelled with their percentage while they stay readable.
 _MAX_LABELLED_CELLS = 600
@@ -20,7 +20,7 @@ def heatmap_title(mask: FishMask, source: str) -> str:
     """Where the mask came from, k of total and the strategy."""
     return (
         f"{source}\n{mask.k:,} of {mask.total:,} entries selected "
-        f"({mask.k / mask.total:.1%}), strategy={mask.metadata.get('strategy', '?')}"
+        f"({percent(mask.k, mask.total, 1)}), strategy={mask.metadata.get('strategy', '?')}"
     )
 
 
@@ -34,7 +34,7 @@ def heatmap_grid(mask: FishMask) -> tuple[list[str], list[str], np.ndarray]:
         for j, col in enumerate(cols):
             if f"{row} {col}" in cells:
                 kept, total = cells[f"{row} {col}"]
-                grid[i, j] = kept / total
+                grid[i, j] = kept / total if total else np.nan
     return rows, cols, grid
 
 

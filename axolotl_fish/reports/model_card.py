@@ -8,12 +8,18 @@ file is. `axolotl fish-mask inspect --card` prints the same section.
 The HF Trainer rewrites README.md whenever it makes a card (`create_model_card`, also inside
 `push_to_hub` just before the upload), so `add_card_section_on_create` wraps that method: the
 section is added every time, before anything is uploaded.
+
+Everything taken from the mask file (its metadata and tensor names: untrusted input) goes into
+the card escaped: inline code spans and code blocks whose fences nothing inside can close, one
+line each, `|` escaped inside tables.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ from transformers import Trainer
 
 from axolotl_fish.config import BUDGET_KEYS
 from axolotl_fish.masks.file import MASK_FILENAME, FishMask
-from axolotl_fish.reports.summary import matrix, module_type, selected_fractions
+from axolotl_fish.reports.summary import matrix, module_type, percent, selected_fractions
 
 CARD_FILENAME = "README.md"
 SECTION_START = "<!-- axolotl-fish: FISH-Tuning section -->"
@@ -53,10 +59,31 @@ def fish_mask_settings(mask: FishMask) -> dict[str, Any]:
     return {key: meta[key] for key in _SETTINGS if meta.get(key) is not None}
 
 
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def _code(value: Any, in_table: bool = False) -> str:
+    """`value` as one inline code span: on one line, fenced by more backticks than any run inside
+    it, `|` escaped in a table cell (GFM splits cells before it reads code spans)."""
+    text = " ".join(str(value).split())
+    if in_table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _code_block(text: str, language: str) -> list[str]:
+    """A fenced code block that no line of `text` can close."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return [f"{fence}{language}", text.rstrip(), fence]
+
+
 def _budget_table(title: str, fractions: dict[str, tuple[int, int]]) -> list[str]:
     lines = [f"| {title} | trained entries | of | share |", "| --- | ---: | ---: | ---: |"]
     lines += [
-        f"| `{name}` | {kept:,} | {total:,} | {kept / total:.2%} |"
+        f"| {_code(name, in_table=True)} | {kept:,} | {total:,} | {percent(kept, total)} |"
         for name, (kept, total) in fractions.items()
     ]
     return lines
@@ -78,18 +105,18 @@ def card_section(mask: FishMask, mask_location: str) -> str:
     """The markdown section, between markers; `mask_location` is where the mask file is, as a
     user would write it in `fish_mask.mask_path` (a path or `hf://org/name`)."""
     meta = mask.metadata
-    share = mask.k / mask.total if mask.total else 0.0
+    strategy = _code(meta.get("strategy"), in_table=True)
     what = "adapter" if meta.get("peft_type") else "model (full-parameter FISH Mask)"
     examples = meta.get("num_examples")
     samples = (
         f"{examples:,} training examples (of {meta['num_samples']:,} requested)"
         + (f", pass took {meta['fisher_seconds']:.0f} s" if "fisher_seconds" in meta else "")
         if examples is not None
-        else f"not used by strategy `{meta.get('strategy')}`"
+        else f"not used by strategy {strategy}"
     )
     rows = [
-        ("strategy", f"`{meta.get('strategy')}`, scope `{meta.get('scope', 'global')}`"),
-        ("trained entries", f"k = {mask.k:,} of {mask.total:,} ({share:.2%})"),
+        ("strategy", f"{strategy}, scope {_code(meta.get('scope', 'global'), in_table=True)}"),
+        ("trained entries", f"k = {mask.k:,} of {mask.total:,} ({percent(mask.k, mask.total)})"),
         ("Fisher samples", samples),
         ("warm-up", _warmup(meta)),
         ("seed", f"{meta.get('seed')}"),
@@ -99,7 +126,8 @@ def card_section(mask: FishMask, mask_location: str) -> str:
             (
                 "outside the mask",
                 f"{meta['dense_outside']:,} entries trained densely (include "
-                f"{meta.get('include')}, exclude {meta.get('exclude')})",
+                f"{_code(json.dumps(meta.get('include')), in_table=True)}, exclude "
+                f"{_code(json.dumps(meta.get('exclude')), in_table=True)})",
             )
         )
     for tie in meta.get("tie_breaks", []):
@@ -111,7 +139,8 @@ def card_section(mask: FishMask, mask_location: str) -> str:
             )
         )
     if meta.get("axolotl_fish_version"):
-        rows.append(("made with", f"{PROJECT} {meta['axolotl_fish_version']}"))
+        version = _code(meta["axolotl_fish_version"], in_table=True)
+        rows.append(("made with", f"{PROJECT} {version}"))
     block = yaml.safe_dump({"fish_mask": fish_mask_settings(mask)}, sort_keys=False)
     budget = {key: meta[key] for key in BUDGET_KEYS if meta.get(key) is not None}
     reuse = yaml.safe_dump({"fish_mask": {**budget, "mask_path": mask_location}}, sort_keys=False)
@@ -120,7 +149,7 @@ def card_section(mask: FishMask, mask_location: str) -> str:
         "## FISH-Tuning",
         "",
         f"This {what} was trained with FISH-Tuning ({PAPER}; {PROJECT}): only the k entries "
-        f"that strategy `{meta.get('strategy')}` ranked highest were trained; every other "
+        f"that strategy {_code(meta.get('strategy'))} ranked highest were trained; every other "
         f"entry kept its initial value, bit for bit.",
         "",
         "| | |",
@@ -136,18 +165,15 @@ def card_section(mask: FishMask, mask_location: str) -> str:
         "To compute such a mask again, add this to the same Axolotl config "
         "(with `plugins: [axolotl_fish.FishMaskPlugin]`):",
         "",
-        "```yaml",
-        block.rstrip(),
-        "```",
+        *_code_block(block, "yaml"),
         "",
-        f"The mask itself is `{MASK_FILENAME}` ({mask_location}); to train with exactly these "
-        f"entries:",
+        f"The mask itself is `{MASK_FILENAME}` ({_code(mask_location)}); to train with exactly "
+        f"these entries:",
         "",
-        "```yaml",
-        reuse.rstrip(),
-        "```",
+        *_code_block(reuse, "yaml"),
         "",
-        f"`axolotl fish-mask inspect {mask_location}` shows it per layer, module type and matrix.",
+        f"{_code(f'axolotl fish-mask inspect {mask_location}')} shows it per layer, module type "
+        f"and matrix.",
         SECTION_END,
     ]
     return "\n".join(lines) + "\n"

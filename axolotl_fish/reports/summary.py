@@ -24,6 +24,11 @@ def layer(key: str) -> str:
     return "other" if index is None else str(index)
 
 
+def percent(kept: int, total: int, digits: int = 2) -> str:
+    """`kept / total` as a percentage; "n/a" for no entries (a mask or group of 0 entries)."""
+    return f"{kept / total:.{digits}%}" if total else "n/a"
+
+
 def selected_fractions(
     masks: Mapping[str, torch.Tensor], group: Callable[[str], str]
 ) -> dict[str, tuple[int, int]]:
@@ -45,7 +50,7 @@ def summarize(mask: FishMask) -> str:
     meta = mask.metadata
     lines = [
         f"FISH mask: {mask.k:,} of {mask.total:,} candidate entries trainable "
-        f"({mask.k / mask.total:.2%}), strategy={meta.get('strategy')}, "
+        f"({percent(mask.k, mask.total)}), strategy={meta.get('strategy')}, "
         f"scope={meta.get('scope', 'global')}, seed={meta.get('seed')}",
     ]
     if meta.get("num_examples") is not None:
@@ -60,7 +65,7 @@ def summarize(mask: FishMask) -> str:
         )
     for title, group in (("module", module_type), ("matrix", matrix)):
         parts = [
-            f"{name} {kept / total:.1%}"
+            f"{name} {percent(kept, total, 1)}"
             for name, (kept, total) in selected_fractions(mask.masks, group).items()
         ]
         lines.append(f"  selected per {title}: " + ", ".join(parts))

@@ -11,7 +11,7 @@ import torch
 
 from axolotl_fish.adapters.tensors import natural_order
 from axolotl_fish.masks.file import FishMask
-from axolotl_fish.reports.summary import layer, matrix, module_type, selected_fractions
+from axolotl_fish.reports.summary import layer, matrix, module_type, percent, selected_fractions
 
 GROUPINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("layer", layer),
@@ -21,10 +21,10 @@ GROUPINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
 
 
 def _fraction_lines(title: str, fractions: dict[str, tuple[int, int]]) -> list[str]:
-    width = max(len(name) for name in fractions)
+    width = max((len(name) for name in fractions), default=0)
     lines = [f"selected per {title}:"]
     for name, (kept, total) in fractions.items():
-        lines.append(f"  {name:<{width}}  {kept:>12,} / {total:>12,}  {kept / total:7.2%}")
+        lines.append(f"  {name:<{width}}  {kept:>12,} / {total:>12,}  {percent(kept, total):>7}")
     return lines
 
 
@@ -33,7 +33,7 @@ def inspect_report(mask: FishMask, source: str, per_tensor: bool = False) -> str
     (and per tensor with `per_tensor`)."""
     lines = [
         f"{source}",
-        f"k = {mask.k:,} of {mask.total:,} entries selected ({mask.k / mask.total:.2%}) "
+        f"k = {mask.k:,} of {mask.total:,} entries selected ({percent(mask.k, mask.total)}) "
         f"in {len(mask.masks)} tensors",
         "metadata:",
     ]
@@ -92,13 +92,13 @@ def overlaps(
 
 def diff_report(a: FishMask, b: FishMask, source_a: str, source_b: str) -> str:
     """Overall and per-group overlap of two masks, and the metadata in which they differ."""
-    whole = overlaps(a, b)["all"]
+    whole = overlaps(a, b).get("all", Overlap(0, 0, 0, 0))  # a mask with no tensors
     lines = [
         f"A: {source_a}",
         f"B: {source_b}",
         f"total entries      {whole.total:,}",
-        f"selected in A      {whole.a:,} ({whole.a / whole.total:.2%})",
-        f"selected in B      {whole.b:,} ({whole.b / whole.total:.2%})",
+        f"selected in A      {whole.a:,} ({percent(whole.a, whole.total)})",
+        f"selected in B      {whole.b:,} ({percent(whole.b, whole.total)})",
         f"in both            {whole.both:,} (random masks of these sizes share "
         f"{whole.expected_by_chance:,.0f} on average)",
         f"only in A          {whole.a - whole.both:,}",
@@ -108,7 +108,7 @@ def diff_report(a: FishMask, b: FishMask, source_a: str, source_b: str) -> str:
     for title, group in GROUPINGS[1:]:
         parts = overlaps(a, b, group)
         heading = f"per {title}:"
-        width = max(len(heading) - 2, *(len(name) for name in parts))
+        width = max([len(heading) - 2, *(len(name) for name in parts)])
         lines.append(f"{heading:<{width + 2}}{'in A':>12}{'in B':>12}{'in both':>12}{'Jaccard':>9}")
         lines += [
             f"  {name:<{width}}{o.a:>12,}{o.b:>12,}{o.both:>12,}{o.jaccard:>9.4f}"
