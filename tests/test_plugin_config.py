@@ -85,7 +85,6 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"adapter": "bottleneck", "bottleneck": {"placement": "x"}}, "bottleneck.placement"),
         ({"adapter": "bottleneck", "rl": "dpo"}, "supervised fine-tuning only"),
         ({"adapter": "bottleneck", "load_in_8bit": True}, "full-precision base model"),
-        ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
         ({"deepspeed": "zero2.json"}, "does not support `deepspeed` yet.*Use FSDP2 instead"),
         ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from axolotl_fish.config import FishMaskConfig
@@ -69,11 +68,6 @@ class FishMaskPluginArgs(BottleneckArgs):
                 f"fish_mask.match_rank counts entries of LoRA factors or bottleneck projections "
                 f"at a smaller rank; {NO_RANK[adapter]} there is no rank: use keep_ratio or "
                 f"keep_params."
-            )
-        if adapter == "qlora" and not torch.cuda.is_available():
-            raise ValueError(
-                "fish_mask with `adapter: qlora` needs bitsandbytes' 4-bit kernels on a CUDA "
-                "device, and this machine has none: use `adapter: lora` here."
             )
         _check_sharding(data)
         enabled = [key for key in LORA_KERNEL_KEYS if data.get(key)]

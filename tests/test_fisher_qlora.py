@@ -1,0 +1,96 @@
+"""QLoRA in the batched Fisher pass: PEFT's LoRA layers over bitsandbytes 4-bit and 8-bit linears
+(as Axolotl loads `adapter: qlora`), on the CPU. Every adapter tensor is claimed by a rule, the
+scores equal the batch-size-1 reference with the per-example loop made to fail, and the pass
+leaves the quantized base as it was loaded."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from test_fisher import max_relative_error, reference_fisher
+from test_fisher_rules import no_per_example_loop
+from tiny_peft import padded_batches, quantized_llama, tiny_lora_model
+from torch import nn
+
+from axolotl_fish.adapters.tensors import adapter_parameters
+from axolotl_fish.fisher.rules import DoraMagnitudeRule, LinearRule, claim_rules
+from axolotl_fish.fisher.scores import fisher_scores
+
+# bits -> (bitsandbytes' base layer, PEFT's LoRA layer over it, the stored weight's dtype and
+# weights per stored element: two 4-bit codes per uint8)
+QUANTIZED = {
+    4: (bnb.nn.Linear4bit, "Linear4bit", torch.uint8, 2),
+    8: (bnb.nn.Linear8bitLt, "Linear8bitLt", torch.int8, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("quantized_llama")
+
+
+def quantized_lora(base_dir, bits: int, **lora) -> nn.Module:
+    """LoRA on q/v/down_proj of the quantized tiny Llama, lora_B perturbed (non-zero scores);
+    fails unless every adapted layer really is a quantized one."""
+    model = tiny_lora_model(base=quantized_llama(base_dir, bits), **lora)
+    base_class, lora_class, dtype, per_element = QUANTIZED[bits]
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    assert len(layers) == 6
+    for layer in layers:
+        assert (type(layer).__module__, type(layer).__name__) == (
+            "peft.tuners.lora.bnb",
+            lora_class,
+        )
+        base = layer.get_base_layer()
+        assert type(base) is base_class and base.weight.dtype == dtype
+        assert base.weight.numel() * per_element == base.in_features * base.out_features
+    return model
+
+
+def four_bit_layers(model: nn.Module) -> list[bnb.nn.Linear4bit]:
+    return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+@pytest.mark.parametrize(
+    ("bits", "lora"),
+    [(4, {}), (4, {"use_dora": True}), (8, {})],
+    ids=["4bit-lora", "4bit-dora", "8bit-lora"],
+)
+def test_quantized_lora_layers_are_batched_and_exact(monkeypatch, base_dir, bits, lora):
+    """DoRA on 8-bit is not here: PEFT 0.20 with bitsandbytes 0.50.2 fails in its own forward
+    on the CPU after the first backward (the weight's int8 scales are dropped)."""
+    model = quantized_lora(base_dir, bits, **lora)
+    params = adapter_parameters(model)
+    rules = claim_rules(model, params)
+    assert {key for rule in rules for key in rule.keys} == set(params)
+    assert {type(rule) for rule in rules} == (
+        {LinearRule, DoraMagnitudeRule} if lora else {LinearRule}
+    )
+    no_per_example_loop(monkeypatch)
+    batches = padded_batches(n_rows=7, batch_size=3)
+    result = fisher_scores(model, batches, params, num_samples=7, progress=False)
+    for layer in four_bit_layers(model):  # the reference (eval mode) must not repack either
+        layer.support_avx512bf16_for_cpu = False
+    reference = reference_fisher(model, batches, params, num_samples=7)
+    assert max_relative_error(result.scores, reference) < 1e-4
+    assert all(float(score.max()) > 0 for key, score in result.scores.items() if "lora_B" in key)
+
+
+def test_the_pass_leaves_the_4bit_base_as_loaded(base_dir):
+    """On a CPU with AVX512-BF16 (claimed here for every layer, so any CPU takes that path) an
+    eval-mode forward of a 4-bit linear on an input without gradient repacks its weight in
+    place for an inference kernel, rounding its scales to bf16. The pass runs in eval mode: it
+    must not change the base the run then trains (nor the DoRA norms it reads)."""
+    model = quantized_lora(base_dir, 4, use_dora=True)
+    layers = four_bit_layers(model)
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    before = [(layer.weight.clone(), layer.weight.quant_state.absmax.clone()) for layer in layers]
+    params = adapter_parameters(model)
+    fisher_scores(model, padded_batches(n_rows=7, batch_size=3), params, 7, progress=False)
+    for layer, (weight, absmax) in zip(layers, before, strict=True):
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(layer.weight, weight)
+        assert torch.equal(layer.weight.quant_state.absmax, absmax)
