@@ -2,9 +2,9 @@
 `axolotl train` CLI on CPU: bitsandbytes' NF4 linears, forward and backward on the CPU.
 
 Every run must prove its base really was 4-bit: the plugin reads the model's layers and logs how
-many are bitsandbytes `Linear4bit` with weights packed two per uint8 byte (a run that loaded the
-model dense logs no such line). QLoRA under FSDP2 is refused on CPU at validation
-(`tests/test_plugin_config.py`): Axolotl loads it onto an accelerator.
+many are bitsandbytes `Linear4bit` with NF4 weights packed 4 per stored bf16 element, as Axolotl
+stores them (a run that loaded the model dense logs no such line). QLoRA under FSDP2 is refused
+on CPU at validation (`tests/test_plugin_config.py`): Axolotl loads it onto an accelerator.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from axolotl_fish.masks.file import MASK_FILENAME, FishMask
 pytestmark = pytest.mark.e2e
 
 QLORA = {**FISH, "adapter": "qlora", "load_in_4bit": True}
+# Axolotl's QLoRA storage: 4 NF4 codes per bf16 element (`bnb_4bit_quant_storage`).
 FOUR_BIT = re.compile(
-    r"fish_mask: the base model is quantized: (\d+) bitsandbytes Linear4bit \(nf4, 2 per uint8\) "
-    r"layers; the mask covers the adapter only"
+    r"fish_mask: the base model is quantized: (\d+) bitsandbytes Linear4bit \(nf4, 4 per "
+    r"bfloat16\) layers; the mask covers the adapter only"
 )
 # 2 decoder layers x 7 projections (q, k, v, o, gate, up, down); lm_head stays dense.
 LINEARS = 14

@@ -82,10 +82,11 @@ def tiny_lora_model(
     return model
 
 
-def quantized_llama(folder: Path, bits: int) -> nn.Module:
+def quantized_llama(folder: Path, bits: int, storage: torch.dtype = torch.bfloat16) -> nn.Module:
     """`tiny_base_model("llama")`, 64 wide (bitsandbytes quantizes 64 weights per block), saved in
-    `folder` and loaded back as Axolotl loads QLoRA: bitsandbytes `bits`-bit linears (NF4 with
-    fp32 compute for 4 bits) on the CPU, through `prepare_model_for_kbit_training`."""
+    `folder` and loaded back as Axolotl loads QLoRA with `bf16: false`: bitsandbytes `bits`-bit
+    linears on the CPU (4 bits: NF4, double quantization, fp32 compute, codes packed in
+    `storage`), through `prepare_model_for_kbit_training`."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -95,7 +96,9 @@ def quantized_llama(folder: Path, bits: int) -> nn.Module:
         load_in_4bit=bits == 4,
         load_in_8bit=bits == 8,
         bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
     )
     model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
