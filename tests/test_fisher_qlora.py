@@ -17,9 +17,16 @@ from torch import nn
 from axolotl_fish.adapters.tensors import adapter_parameters
 from axolotl_fish.fisher.rules import DoraMagnitudeRule, LinearRule, claim_rules
 from axolotl_fish.fisher.scores import fisher_scores
+from axolotl_fish.reports.quantized import quantized_base
 
 # bits -> (bitsandbytes' base layer, PEFT's LoRA layer over it)
 QUANTIZED = {4: (bnb.nn.Linear4bit, "Linear4bit"), 8: (bnb.nn.Linear8bitLt, "Linear8bitLt")}
+# What the plugin logs for each (2 layers x 7 projections; lm_head stays dense).
+LAYOUT = {
+    (4, torch.bfloat16): "Linear4bit (nf4, 4 per bfloat16)",
+    (4, torch.uint8): "Linear4bit (nf4, 2 per uint8)",
+    (8, None): "Linear8bitLt (int8)",
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,10 @@ def test_quantized_lora_layers_are_batched_and_exact(monkeypatch, base_dir, bits
     DoRA on 8-bit is not here: PEFT 0.20 with bitsandbytes 0.50.2 fails in its own forward on
     the CPU after the first backward (the weight's int8 scales are dropped)."""
     model = quantized_lora(base_dir, bits, storage, **lora)
+    assert quantized_base(model) == (
+        f"the base model is quantized: 14 bitsandbytes {LAYOUT[bits, storage]} layers; the mask "
+        f"covers the adapter only"
+    )
     params = adapter_parameters(model)
     rules = claim_rules(model, params)
     assert {key for rule in rules for key in rule.keys} == set(params)
@@ -87,6 +98,10 @@ def test_quantized_lora_layers_are_batched_and_exact(monkeypatch, base_dir, bits
     reference = reference_fisher(model, batches, params, num_samples=7)
     assert max_relative_error(result.scores, reference) < 1e-4
     assert all(float(score.max()) > 0 for key, score in result.scores.items() if "lora_B" in key)
+
+
+def test_a_dense_model_has_no_quantized_base_line():
+    assert quantized_base(tiny_lora_model("llama")) is None
 
 
 def test_the_pass_leaves_the_4bit_base_as_loaded(base_dir):
