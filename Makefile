@@ -30,10 +30,11 @@ $(CACHE)/.assets: $(VENV)/.installed
 	touch $@
 
 # Train (2 to 5 minutes on 2 idle cores, by machine), then compare the adapter with the base model on 300
-# held-out reviews and draw the mask as a PNG beside the adapter.
+# held-out reviews and draw the mask as a PNG beside the adapter. Training is `axolotl train` run
+# in one process that imports axolotl_fish first: third-party start-up noise stays off the console.
 DEMO_CONFIG := example_configs/smollm2_sentiment_fish.yaml
 demo: $(CACHE)/.assets
-	$(BIN)/axolotl train $(DEMO_CONFIG)
+	$(BIN)/python -m axolotl_fish.demo.train $(DEMO_CONFIG)
 	$(BIN)/python -m axolotl_fish.demo.report $(DEMO_CONFIG) \
 		--test $(CACHE)/sentiment/test.jsonl --rows 300
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from axolotl_fish.config import FishMaskConfig
-from axolotl_fish.masks.file import MASK_FILENAME, FishMask
-from axolotl_fish.pipeline.compute import compute_fish_mask
+from axolotl_fish.base.console import quiet_third_party
+
+quiet_third_party()  # before the imports below load torchao and bitsandbytes
+
+from axolotl_fish.config import FishMaskConfig  # noqa: E402
+from axolotl_fish.masks.file import MASK_FILENAME, FishMask  # noqa: E402
+from axolotl_fish.pipeline.compute import compute_fish_mask  # noqa: E402
 
 __all__ = [
     "MASK_FILENAME",

@@ -243,11 +243,12 @@ def start_axolotl(
     cwd: Path,
     env: Mapping[str, str] | None = None,
     stdout: int | IO[str] = subprocess.PIPE,
+    program: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
-    """Start the real ``axolotl ARGS...`` CLI offline on CPU, with ``env`` added to the
-    environment, in its own process group: ``os.killpg(proc.pid, ...)`` also reaches the
-    ``accelerate launch`` child and its workers."""
-    cmd = [str(Path(sys.executable).parent / "axolotl"), *args]
+    """Start the real ``axolotl ARGS...`` CLI (or ``PROGRAM ARGS...``) offline on CPU, with
+    ``env`` added to the environment, in its own process group: ``os.killpg(proc.pid, ...)``
+    also reaches the ``accelerate launch`` child and its workers."""
+    cmd = [*(program or [str(Path(sys.executable).parent / "axolotl")]), *args]
     return subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -264,9 +265,10 @@ def run_axolotl(
     cwd: Path,
     timeout: float = 300.0,
     env: Mapping[str, str] | None = None,
+    program: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run ``start_axolotl`` to the end; raise with the log tail on failure or timeout."""
-    with start_axolotl(args, cwd, env) as proc:
+    with start_axolotl(args, cwd, env, program=program) as proc:
         cmd = proc.args
         try:
             output, _ = proc.communicate(timeout=timeout)

@@ -10,6 +10,7 @@ from axolotl_fish.config import FishMaskConfig
 
 PLUGIN = "axolotl_fish.FishMaskPlugin"
 LLAMA_ADAPTER = {"adapter": "llama-adapter", "peft_adapter": {"layers": 1, "len": 4}}
+QLORA = {"adapter": "qlora", "load_in_4bit": True}
 
 
 @pytest.fixture
@@ -51,6 +52,12 @@ def test_defaults_filled_and_cpu_kernels_turned_off(make_cfg):
     assert cfg.lora_o_kernel is False and cfg.lora_embedding_kernel is False
 
 
+def test_qlora_is_accepted_on_cpu_with_the_kernels_off(make_cfg):
+    cfg = validated(make_cfg(**QLORA))
+    assert cfg.adapter == "qlora" and cfg.load_in_4bit and cfg.fish_mask["keep_ratio"] == 0.5
+    assert cfg.lora_qkv_kernel is False and cfg.lora_mlp_kernel is False
+
+
 def test_explicit_kernel_setting_is_kept_false(make_cfg):
     assert validated(make_cfg(lora_o_kernel=False)).lora_o_kernel is False
 
@@ -85,7 +92,10 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ({"adapter": "bottleneck", "bottleneck": {"placement": "x"}}, "bottleneck.placement"),
         ({"adapter": "bottleneck", "rl": "dpo"}, "supervised fine-tuning only"),
         ({"adapter": "bottleneck", "load_in_8bit": True}, "full-precision base model"),
-        ({"adapter": "qlora", "load_in_4bit": True}, "needs bitsandbytes' 4-bit kernels on a CUDA"),
+        (
+            {**QLORA, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+            "qlora. under FSDP2 needs an accelerator: Axolotl 0.19 loads",
+        ),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
         ({"deepspeed": "zero2.json"}, "does not support `deepspeed` yet.*Use FSDP2 instead"),
         ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),

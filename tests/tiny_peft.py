@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -10,16 +12,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 97
 
 
-def tiny_base_model(arch: str = "llama", seed: int = 0) -> nn.Module:
+def tiny_base_model(arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> nn.Module:
     """A 2-layer random causal LM: Llama (nn.Linear projections, pad id 0 so the embedding has a
-    padding_idx) or GPT-2 (Conv1D)."""
+    padding_idx; `hidden_size` wide) or GPT-2 (Conv1D)."""
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
             pad_token_id=0,
             vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -54,10 +56,12 @@ def tiny_lora_model(
     nonzero_b: bool = True,
     extra_targets: tuple[str, ...] = (),
     embed_scale: float | None = None,
+    base: nn.Module | None = None,
     **lora_kwargs,
 ) -> nn.Module:
-    """A tiny PEFT LoRA model; `nonzero_b` perturbs lora_B so every Fisher score is non-trivial;
-    `embed_scale` makes the input embedding a `ScaledEmbedding`."""
+    """A tiny PEFT LoRA model (on `base`, else on `tiny_base_model(arch, seed)`); `nonzero_b`
+    perturbs lora_B so every Fisher score is non-trivial; `embed_scale` makes the input
+    embedding a `ScaledEmbedding`."""
     config = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -66,7 +70,7 @@ def tiny_lora_model(
         fan_in_fan_out=arch == "gpt2",
         **lora_kwargs,
     )
-    base = tiny_base_model(arch, seed)
+    base = tiny_base_model(arch, seed) if base is None else base
     if embed_scale is not None:
         base.set_input_embeddings(ScaledEmbedding(base.get_input_embeddings(), embed_scale))
     model = get_peft_model(base, config)
@@ -76,6 +80,30 @@ def tiny_lora_model(
                 if "lora_B" in name or "lora_embedding_B" in name:
                     param.normal_(std=0.1)
     return model
+
+
+def quantized_llama(folder: Path, bits: int, storage: torch.dtype = torch.bfloat16) -> nn.Module:
+    """`tiny_base_model("llama")`, 64 wide (bitsandbytes quantizes 64 weights per block), saved in
+    `folder` and loaded back as Axolotl loads QLoRA with `bf16: false`: bitsandbytes `bits`-bit
+    linears on the CPU (4 bits: NF4, double quantization, fp32 compute, codes packed in
+    `storage`), through `prepare_model_for_kbit_training`."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not (folder / "config.json").is_file():
+        tiny_base_model("llama", hidden_size=64).save_pretrained(folder)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=bits == 4,
+        load_in_8bit=bits == 8,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def padded_batches(

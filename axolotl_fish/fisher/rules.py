@@ -12,7 +12,10 @@ alone, as are tensors held by more than one module (except a tied embedding, whi
 rule) and the factors and base layers of LoRA layers with a variant other than DoRA on a linear
 layer. DoRA's linear layers reuse `lora_B @ lora_A` and the base weight only in the weight norm,
 which PEFT detaches from the gradient (the DoRA paper's section 4.3): their factors train
-through their own forward alone, and the magnitude vector has its own rule.
+through their own forward alone, and the magnitude vector has its own rule. QLoRA is no special
+case: PEFT's LoRA layers over bitsandbytes 4-bit and 8-bit linears hold their factors as plain
+`nn.Linear` modules, which `LinearRule` claims as for `lora.Linear`, and `DoraMagnitudeRule`
+reads their base weight dequantised; the quantized base layers are frozen, never candidates.
 
 Rules live in `RULES`, tried in order for every module; `register_rule` adds one (e.g. for a new
 adapter type). A rule whose recorded calls turn out not to be per-example (a first dimension

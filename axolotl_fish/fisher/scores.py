@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -141,7 +142,7 @@ def fisher_scores(
     filler: dict[str, torch.Tensor] | None = None
     scratch: dict[str, torch.Tensor] = {}  # a follower's scores, dropped
     was_training = model.training
-    model.eval()
+    _eval_mode(model)
     bar = tqdm(total=wanted, unit="example", desc="Fisher pass", disable=not progress)
     try:
         with preserved_rng_state(), _checkpointed_if_enabled(model):
@@ -180,6 +181,18 @@ def fisher_scores(
     for score in scores.values():
         score.div_(seen)
     return FisherScores(scores=scores, num_examples=seen, seconds=time.perf_counter() - start)
+
+
+def _eval_mode(model: nn.Module) -> None:
+    """Eval mode (no dropout), except bitsandbytes' 4-bit linears (QLoRA's base layers): on a
+    CPU with AVX512-BF16 their eval forward of an input without gradient (the first layer's)
+    repacks the weight in place for an inference kernel, rounding its scales to bf16 - the pass
+    would change the base the run trains and the DoRA norms it reads. They have no dropout."""
+    model.eval()
+    bnb = sys.modules.get("bitsandbytes.nn")  # not imported: the model has none of its layers
+    for module in model.modules() if bnb is not None else ():
+        if isinstance(module, bnb.Linear4bit):
+            module.train()
 
 
 def _labelled(

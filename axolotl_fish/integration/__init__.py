@@ -36,6 +36,7 @@ from axolotl_fish.masks.source import load_mask
 from axolotl_fish.pipeline.compute import compute_fish_mask
 from axolotl_fish.pipeline.provenance import check_mask_fits
 from axolotl_fish.reports.model_card import add_card_section_on_create
+from axolotl_fish.reports.quantized import quantized_base
 from axolotl_fish.reports.summary import summarize
 from axolotl_fish.training.callback import FishMaskCallback
 from axolotl_fish.training.delta import DELTA_FILENAME
@@ -104,6 +105,8 @@ class FishMaskPlugin(BasePlugin):
         if not cfg.fish_mask:
             return
         check_every_process_is_a_rank(trainer)
+        if quantized := quantized_base(trainer.model):
+            LOG.info(f"fish_mask: {quantized}")
         config = FishMaskConfig(**cfg.fish_mask)
         source = _resume_mask_path(cfg) or _mask_path(config)
         if source is None and scores_after_sharding(cfg, trainer.model, config):

@@ -70,11 +70,6 @@ class FishMaskPluginArgs(BottleneckArgs):
                 f"at a smaller rank; {NO_RANK[adapter]} there is no rank: use keep_ratio or "
                 f"keep_params."
             )
-        if adapter == "qlora" and not torch.cuda.is_available():
-            raise ValueError(
-                "fish_mask with `adapter: qlora` needs bitsandbytes' 4-bit kernels on a CUDA "
-                "device, and this machine has none: use `adapter: lora` here."
-            )
         _check_sharding(data)
         enabled = [key for key in LORA_KERNEL_KEYS if data.get(key)]
         if enabled:
@@ -110,6 +105,14 @@ def _check_sharding(data: dict[str, Any]) -> None:
             f"fish_mask supports FSDP only as FSDP2: set `fsdp_version: 2` (got "
             f"{version!r}, i.e. FSDP1). FSDP1 flattens each wrapped module's parameters into "
             f"one flat parameter, so the per-tensor mask hooks would never fire."
+        )
+    if data.get("adapter") == "qlora" and not torch.accelerator.is_available():
+        raise ValueError(
+            "fish_mask with `adapter: qlora` under FSDP2 needs an accelerator: Axolotl 0.19 loads "
+            "a QLoRA model for FSDP onto each process's accelerator (device_map "
+            "{'': LOCAL_RANK}), and on a machine without one transformers fails while loading. "
+            "Here, train QLoRA in one process or under DDP (no fsdp keys), or use `adapter: lora` "
+            "under FSDP2."
         )
     efficient = [key for key in EFFICIENT_LOADING_KEYS if fsdp_config.get(key)]
     fish_mask = data.get("fish_mask")
