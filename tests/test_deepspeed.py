@@ -51,7 +51,11 @@ RUNS = {
     "zero2-fp32-no-restore": ({"stage": 2}, False, False),
     "zero3-fp32-no-restore": ({"stage": 3}, False, False),
 }
-OPTIMIZER = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}  # fmt: skip
+OPTIMIZER = {
+    1: "DeepSpeedZeroOptimizer",
+    2: "DeepSpeedZeroOptimizer",
+    3: "DeepSpeedZeroOptimizer_Stage3",
+}
 
 
 def ds_config(zero: dict, bf16: bool, name: str) -> dict:

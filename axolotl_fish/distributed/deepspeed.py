@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import deepspeed
@@ -174,23 +175,24 @@ def master_slices(
             local = torch.zeros(numel, dtype=torch.bool)
             part = flat[begin : begin + numel]
             local[: part.numel()] = part
-            groups = optimizer.fp32_partitioned_groups_flat
-
-            def view(sub: int = sub, offset: int = offset, numel: int = numel) -> torch.Tensor:
-                return groups[sub].narrow(0, offset, numel)
-
+            view = partial(_zero3_master, optimizer, sub, offset, numel)
         elif param._hp_mapping is not None:  # ZeRO-1/2, BF16_Optimizer
             address = param._hp_mapping.lp_fragment_address
             local = flat[address.start : address.start + address.numel]
-
-            def view(param: nn.Parameter = param) -> torch.Tensor:
-                return param._hp_mapping.hp_fragment
-
+            view = partial(_fragment_master, param)
         else:  # this rank holds no slice of it
             continue
         if local.any():
             slices[key] = (view, local.to(view().device))
     return slices
+
+
+def _zero3_master(optimizer: Any, sub: int, offset: int, numel: int) -> torch.Tensor:
+    return optimizer.fp32_partitioned_groups_flat[sub].narrow(0, offset, numel)
+
+
+def _fragment_master(param: nn.Parameter) -> torch.Tensor:
+    return param._hp_mapping.hp_fragment
 
 
 class MasterRestore:
