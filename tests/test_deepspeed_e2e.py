@@ -63,6 +63,8 @@ ZERO2 = {
     **AUTO,
     "zero_force_ds_cpu_optimizer": False,  # added: a torch AdamW on CPU, no C++ build
 }
+# zero3_bf16.json with the `stage3_` key names accelerate 1.13 fills "auto" into (Axolotl's
+# newer copy names them `prefetch_bucket_size`, ...: accelerate then stops on the unfilled "auto").
 ZERO3_BF16 = {
     "zero_optimization": {
         "stage": 3,
@@ -70,11 +72,11 @@ ZERO3_BF16 = {
         "contiguous_gradients": True,
         "sub_group_size": 0,
         "reduce_bucket_size": "auto",
-        "prefetch_bucket_size": "auto",
-        "param_persistence_threshold": "auto",
-        "max_live_parameters": 0,
-        "max_reuse_distance": 0,
-        "gather_16bit_weights_on_model_save": True,
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 0,
+        "stage3_max_reuse_distance": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,
     },
     "bf16": {"enabled": True},
     **AUTO,
@@ -155,11 +157,13 @@ def test_each_run_ran_deepspeed_at_its_stage_on_two_ranks(runs):
 
 
 def test_every_rank_holds_one_mask_and_the_resume_keeps_it(runs):
-    _, out, first, resumed_out, resumed = runs
+    stage, out, first, resumed_out, resumed = runs
     mask = FishMask.load(out)
     digest = mask_digest(mask.masks)
     assert held_digests(first) == held_digests(resumed) == {"0": digest, "1": digest}
     assert "resuming with the mask saved in" in resumed
+    # Under ZeRO-3 Axolotl loaded the model under zero.Init: the pass ran on the gathered model.
+    assert ("ZeRO-3 partitioned the model at load (zero.Init)" in first) == (stage == 3)
     assert mask.k == round(0.3 * mask.total) and mask.metadata["world_size"] == 2
     for folder in (out / "checkpoint-2", out / "checkpoint-4", resumed_out):
         assert mask_digest(FishMask.load(folder).masks) == digest, folder

@@ -94,8 +94,8 @@ def check_deepspeed_config(config: Mapping[str, Any], *, full_parameter: bool) -
 
 
 def check_no_leaf_modules(model: nn.Module) -> None:
-    """Refuse ZeRO-3 leaf modules (Axolotl marks MoE blocks so): their parameters are gathered
-    for the whole block, a path the gradient hooks were not tested on."""
+    """Refuse ZeRO-3 leaf modules (Axolotl and accelerate mark MoE blocks so): their parameters
+    are gathered for the whole block, a path the gradient hooks were not tested on."""
     leaf = next(
         (name for name, module in model.named_modules() if getattr(module, "_z3_leaf", 0)), None
     )
@@ -239,6 +239,7 @@ class DeepSpeedFishMaskCallback(FishMaskCallback):
     restore: MasterRestore | None = None
 
     def __init__(self, model: nn.Module, mask: FishMask) -> None:
+        check_no_leaf_modules(model)
         super().__init__(model, mask, sparse=False)
 
     def _setup(
@@ -273,6 +274,7 @@ class DeepSpeedFishMaskCallback(FishMaskCallback):
             raise ValueError("fish_mask: the Trainer passed no optimizer or model to mask")
         if self.restore is not None:
             self.restore.remove()
+        check_no_leaf_modules(prepared)  # accelerate may mark MoE blocks when it prepares
         params = parameters_by_name(prepared, self._names)
         self.restore = MasterRestore(self._optimizer, params, self._frozen)
 

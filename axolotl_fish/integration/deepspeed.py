@@ -65,7 +65,6 @@ def mask_callback(cfg: DictDefault, model: nn.Module, mask: FishMask) -> FishMas
     if not cfg.deepspeed:
         return FishMaskCallback(model, mask)
     deepspeed = _deepspeed_module()
-    deepspeed.check_no_leaf_modules(model)
     note = deepspeed.full_parameter_note(model)
     if note is not None:
         LOG.info(note)

@@ -10,6 +10,9 @@ What it changes (nothing else; DeepSpeed itself picks its CPU accelerator and gl
   ACCELERATE_USE_CPU=1) given a DeepSpeed plugin becomes DEEPSPEED here, as that branch would
   make it, in AcceleratorState and in PartialState's shared state.
 - DeepSpeed's shared-memory all-reduce (used for inference only) is not JIT-compiled at start-up.
+- transformers refuses `bf16: true` without a bf16-capable GPU unless `use_cpu` is set (which
+  Axolotl does not pass); the check is told the device has bf16, as a GPU run's would be. torch
+  computes bf16 on CPU.
 The product code never imports this.
 """
 
@@ -20,7 +23,10 @@ import os
 if os.environ.get("FISH_TEST_DEEPSPEED_ON_CPU") == "1":
     import accelerate.state
     import deepspeed.ops
+    import transformers.training_args
     from accelerate.utils import DistributedType
+
+    transformers.training_args.is_torch_bf16_gpu_available = lambda: True
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     _accelerator_state_init = accelerate.state.AcceleratorState.__init__
