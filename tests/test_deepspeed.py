@@ -35,6 +35,7 @@ WORLD = 2
 STEPS = 3
 MICRO_STEPS = 2  # gradient accumulation
 MAX_NORM = 0.05  # small enough that every step clips
+RESUME_AT = 1  # `-resumed` runs: steps before the checkpoint
 LR, WEIGHT_DECAY = 0.1, 0.1
 
 # name: (zero_optimization, bf16, restore); every run also sets the rest of `ds_config`.
@@ -48,6 +49,8 @@ RUNS = {
     # Axolotl's zero3_bf16.json: sub_group_size 0 steps each tensor as its own sub-group.
     "zero3-fp32": ({"stage": 3, "sub_group_size": 0}, False, True),
     "zero3-bf16": ({"stage": 3, "sub_group_size": 0}, True, True),
+    "zero2-fp32-resumed": ({"stage": 2}, False, True),
+    "zero3-fp32-resumed": ({"stage": 3, "sub_group_size": 0}, False, True),
     "zero2-fp32-no-restore": ({"stage": 2}, False, False),
     "zero3-fp32-no-restore": ({"stage": 3}, False, False),
 }
@@ -95,9 +98,10 @@ def batch(rank: int, micro: int, step: int) -> torch.Tensor:
     )
 
 
-def train_deepspeed(name: str, out_dir: Path, rank: int) -> dict:
+def start(name: str, args: SimpleNamespace, state: SimpleNamespace, checkpoint: Path | None):
+    """A fresh model, the plugin's callback and a DeepSpeed engine, as the Trainer sets them up
+    (a resume loads `checkpoint` before training starts)."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
 
     zero, bf16, restore = RUNS[name]
     model = toy_model()
@@ -108,14 +112,31 @@ def train_deepspeed(name: str, out_dir: Path, rank: int) -> dict:
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config(zero, bf16, name)
     )
-    args = SimpleNamespace(output_dir=str(out_dir / name))
-    state = SimpleNamespace(is_world_process_zero=rank == 0)
+    if checkpoint is not None:
+        engine.load_checkpoint(str(checkpoint), tag="resume")
     callback.on_train_begin(args, state, None, model=engine.module, optimizer=optimizer)
     if not restore:
         callback.restore.remove()
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    return engine, callback
+
+
+def train_deepspeed(name: str, out_dir: Path, rank: int) -> dict:
+    """STEPS steps; a `-resumed` run saves a DeepSpeed checkpoint after RESUME_AT of them and
+    continues in a fresh engine loaded from it."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    args = SimpleNamespace(output_dir=str(out_dir / name))
+    state = SimpleNamespace(is_world_process_zero=rank == 0)
+    engine, callback = start(name, args, state, None)
+    dtype = torch.bfloat16 if RUNS[name][1] else torch.float32
     norms = []
     for step in range(STEPS):
+        if step == RESUME_AT and name.endswith("-resumed"):
+            engine.save_checkpoint(str(out_dir / name / "checkpoint"), tag="resume")
+            callback.on_train_end(args, state, None)
+            engine.destroy()
+            engine, callback = start(name, args, state, out_dir / name / "checkpoint")
         for micro in range(MICRO_STEPS):
             loss = engine(batch(rank, micro, step).to(dtype)).float().square().mean()
             engine.backward(loss)
@@ -237,6 +258,18 @@ def test_frozen_entries_bitwise_unchanged_and_selected_ones_train_as_in_one_proc
                 torch.testing.assert_close(master, reference[key], **tolerance)
         torch.testing.assert_close(run[name]["norms"], norms, **tolerance)  # masked gradients
     assert all(norm > MAX_NORM for norm in norms)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ended(deepspeed_runs, stage):
+    """The snapshot is taken after the checkpoint is loaded (masters and moments resumed)."""
+    _, ranks = deepspeed_runs
+    for run in ranks:
+        straight, resumed = run[f"zero{stage}-fp32"], run[f"zero{stage}-fp32-resumed"]
+        for key, value in straight["masters"].items():
+            assert torch.equal(resumed["masters"][key], value), key
+        for key, value in straight["working"].items():
+            assert torch.equal(resumed["working"][key], value), key
 
 
 @pytest.mark.parametrize("name", ["zero2-fp32-no-restore", "zero3-fp32-no-restore"])
