@@ -105,7 +105,8 @@ def start(name: str, args: SimpleNamespace, state: SimpleNamespace, checkpoint: 
 
     zero, bf16, restore = RUNS[name]
     model = toy_model()
-    callback = DeepSpeedFishMaskCallback(model, toy_mask(model))  # before initialize, as the plugin
+    # Before initialize, as the plugin does.
+    callback = DeepSpeedFishMaskCallback(model, toy_mask(model), zero3=zero["stage"] == 3)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY
     )
@@ -218,6 +219,8 @@ def test_each_run_ran_deepspeed_at_its_stage(deepspeed_runs):
             kind = "BF16_Optimizer" if name.endswith("BF16_Optimizer") else OPTIMIZER[zero["stage"]]
             assert (run[name]["stage"], run[name]["optimizer"]) == (zero["stage"], kind), name
             assert bool(run[name]["partitioned"]) == (zero["stage"] == 3), name
+            # ZeRO-3 keeps 2.bias (no entry selected) trainable so that saves keep it.
+            assert ("2.bias" in run[name]["masters"]) == (zero["stage"] == 3), name
     # ZeRO-3: every tensor split in two, 0.weight's 15 entries as 8 and 7 plus a padding entry.
     assert [run["zero3-fp32"]["partitioned"]["0.weight"] for run in ranks] == [(8,), (8,)]
 
@@ -232,8 +235,9 @@ def test_uneven_partitions_and_a_rank_without_a_slice(deepspeed_runs):
         assert [sorted(run[name]["restored"]) for run in ranks] == [["0.weight"], sorted(partly)], (
             name
         )
-    # ZeRO-3: 0.bias splits [True, True] + [False, padding]: rank 0's slice has no frozen entry.
-    expected = [["0.weight", "2.weight"], sorted(partly)]
+    # ZeRO-3: 0.bias splits [True, True] + [False, padding]: rank 0's slice has no frozen entry;
+    # 2.bias (no entry selected, kept trainable and frozen whole) is rank 0's alone.
+    expected = [["0.weight", "2.bias", "2.weight"], sorted(partly)]
     assert [sorted(run["zero3-bf16"]["restored"]) for run in ranks] == expected
 
 
@@ -252,7 +256,7 @@ def test_frozen_entries_bitwise_unchanged_and_selected_ones_train_as_in_one_proc
             start = initial[key].detach()
             working, master = run[name]["working"][key], run[name]["masters"].get(key)
             assert torch.equal(working[~keep], start.to(working.dtype)[~keep]), key
-            if master is not None:  # 2.bias has no selected entry: DeepSpeed holds no master
+            if master is not None:  # ZeRO-1/2: 2.bias (no entry selected) has no master
                 assert torch.equal(master[~keep], start.to(working.dtype).float()[~keep]), key
                 assert (master[keep] != start[keep]).all(), key
                 torch.testing.assert_close(master, reference[key], **tolerance)

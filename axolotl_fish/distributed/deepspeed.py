@@ -234,12 +234,15 @@ class DeepSpeedFishMaskCallback(FishMaskCallback):
     """`FishMaskCallback` for a model DeepSpeed trains: gradient masks as always (registered now,
     before `deepspeed.initialize`), and the fp32 master restore from the start of training, on
     the ZeRO optimizer the Trainer passes to `on_train_begin`. Full-parameter mode is
-    dense-masked. The working weights are put back by DeepSpeed itself (see the module)."""
+    dense-masked. The working weights are put back by DeepSpeed itself (see the module). With
+    `zero3`, tensors with no selected entry keep requiring gradients, all entries frozen, so
+    that the Trainer's ZeRO-3 saves keep them (it drops tensors that do not)."""
 
     restore: MasterRestore | None = None
 
-    def __init__(self, model: nn.Module, mask: FishMask) -> None:
+    def __init__(self, model: nn.Module, mask: FishMask, *, zero3: bool = False) -> None:
         check_no_leaf_modules(model)
+        self._zero3 = zero3
         super().__init__(model, mask, sparse=False)
 
     def _setup(
@@ -250,9 +253,22 @@ class DeepSpeedFishMaskCallback(FishMaskCallback):
         sparse: bool,
     ) -> None:
         super()._setup(model, mask, trainable, sparse=False)
-        partly = partly_selected(governed_by(mask, trainable), mask.masks)
-        self._frozen = {key: ~mask.masks[key].to(torch.bool) for key in partly}
-        self._names = names_of(model, partly)
+        params = governed_by(mask, trainable)
+        frozen = partly_selected(params, mask.masks)
+        self._whole_grad_hooks: list[RemovableHandle] = []
+        if self._zero3:
+            # The Trainer saves a PEFT model under ZeRO-3 without its tensors that do not require
+            # gradients: a tensor with no selected entry would be missing from the saved adapter.
+            # It keeps requiring them, every entry frozen (zero gradient, master restored).
+            for key, param in params.items():
+                if not mask.masks[key].any():
+                    param.requires_grad_(True)
+                    self._whole_grad_hooks.append(
+                        param.register_post_accumulate_grad_hook(_no_grad)
+                    )
+                    frozen[key] = param
+        self._frozen = {key: ~mask.masks[key].to(torch.bool) for key in frozen}
+        self._names = names_of(model, frozen)
         self._begin = self._bind_masters
         self._step = _after_deepspeed_step
         self._remove_hooks, self._end = self._end, self._remove
@@ -280,8 +296,15 @@ class DeepSpeedFishMaskCallback(FishMaskCallback):
 
     def _remove(self) -> None:
         self._remove_hooks()
+        for handle in self._whole_grad_hooks:
+            handle.remove()
         if self.restore is not None:
             self.restore.remove()
+
+
+@torch.no_grad()
+def _no_grad(param: nn.Parameter) -> None:
+    param.grad.zero_()
 
 
 def _after_deepspeed_step() -> None:

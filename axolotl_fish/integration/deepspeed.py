@@ -16,6 +16,7 @@ from typing import Any
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from axolotl_fish.masks.file import FishMask
 from axolotl_fish.training.callback import FishMaskCallback
@@ -68,7 +69,7 @@ def mask_callback(cfg: DictDefault, model: nn.Module, mask: FishMask) -> FishMas
     note = deepspeed.full_parameter_note(model)
     if note is not None:
         LOG.info(note)
-    return deepspeed.DeepSpeedFishMaskCallback(model, mask)
+    return deepspeed.DeepSpeedFishMaskCallback(model, mask, zero3=is_deepspeed_zero3_enabled())
 
 
 def _deepspeed_module() -> Any:
