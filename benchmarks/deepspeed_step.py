@@ -48,7 +48,7 @@ class Engine:
         if masked:  # before initialize, as the plugin: its gradient hooks fire first
             selection = select_top_k(random_scores(params, seed=0), self.entries // 2, seed=0)
             mask = FishMask(masks=selection.masks, metadata={"k": self.entries // 2})
-            callback = DeepSpeedFishMaskCallback(model, mask)
+            callback = DeepSpeedFishMaskCallback(model, mask, zero3=stage == 3)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
         ds_config = {
