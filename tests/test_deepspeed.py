@@ -183,7 +183,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory):
-    pytest.importorskip("deepspeed", reason="the `deepspeed` extra")
     out = tmp_path_factory.mktemp("deepspeed")
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
