@@ -97,7 +97,18 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
             "qlora. under FSDP2 needs an accelerator: Axolotl 0.19 loads",
         ),
         ({"lora_qkv_kernel": True}, "set lora_qkv_kernel: false"),
-        ({"deepspeed": "zero2.json"}, "does not support `deepspeed` yet.*Use FSDP2 instead"),
+        (
+            {"deepspeed": "missing.json"},
+            "deepspeed: cannot read the DeepSpeed config 'missing.json'",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}},
+            "zero_optimization.offload_param.device: nvme .NVMe offload. is not supported",
+        ),
+        (
+            {"adapter": None, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "ZeRO-3 supports adapters .LoRA, DoRA, bottleneck. only",
+        ),
         ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),
         ({"fsdp_config": {"reshard_after_forward": True}}, "FSDP1 flattens each wrapped module"),
         (

@@ -25,6 +25,7 @@ from axolotl_fish.fisher.checkpointing import checkpointed_layers
 from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.core_logs import show_core_logs
+from axolotl_fish.integration.deepspeed import mask_callback, whole_for_scoring
 from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
 from axolotl_fish.integration.scoring_device import (
     on_training_device,
@@ -38,7 +39,6 @@ from axolotl_fish.pipeline.provenance import check_mask_fits
 from axolotl_fish.reports.model_card import add_card_section_on_create
 from axolotl_fish.reports.quantized import quantized_base
 from axolotl_fish.reports.summary import summarize
-from axolotl_fish.training.callback import FishMaskCallback
 from axolotl_fish.training.delta import DELTA_FILENAME
 
 LOG = get_logger(__name__)
@@ -119,7 +119,8 @@ class FishMaskPlugin(BasePlugin):
             )
             return
         if source is None:
-            mask = _computed_mask(trainer, config, trainer.model)
+            with whole_for_scoring(cfg, trainer.model):
+                mask = _computed_mask(trainer, config, trainer.model)
         else:
             mask = _load_mask(source, config)
             check_mask_fits(mask, trainer.model, str(source))
@@ -130,7 +131,7 @@ class FishMaskPlugin(BasePlugin):
                 "entries are sharded like the weights (AdamW state for k entries across all "
                 "ranks); every save gathers the sparse delta"
             )
-        callback = FishMaskCallback(trainer.model, mask)
+        callback = mask_callback(cfg, trainer.model, mask)
         self._adopt(trainer, mask, callback.digest)
         trainer.add_callback(callback)
 
@@ -157,7 +158,7 @@ class FishMaskPlugin(BasePlugin):
         if mask is not None:
             path = Path(cfg.output_dir) / MASK_FILENAME
             delta = ""
-            if cfg.adapter is None:
+            if cfg.adapter is None and not cfg.deepspeed:  # dense-masked under DeepSpeed
                 delta = (
                     f", sparse delta in {Path(cfg.output_dir) / DELTA_FILENAME} (rebuild the "
                     f"model with `axolotl fish-mask apply {cfg.base_model} DELTA OUT_DIR`)"

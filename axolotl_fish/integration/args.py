@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from axolotl_fish.config import FishMaskConfig
 from axolotl_fish.integration.bottleneck import BottleneckArgs
+from axolotl_fish.integration.deepspeed import check_deepspeed
 from axolotl_fish.scorers import check_strategy
 
 # Axolotl's fused LoRA kernels call the LoRA weights directly, bypassing the PEFT module
@@ -85,15 +86,10 @@ EFFICIENT_LOADING_KEYS = ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_l
 
 
 def _check_sharding(data: dict[str, Any]) -> None:
-    """FSDP2 is supported; FSDP1 and DeepSpeed are refused with the reason and what to use."""
+    """FSDP2 and DeepSpeed ZeRO-1/2/3 are supported; FSDP1 is refused with the reason and what
+    to use, untested DeepSpeed settings by name."""
     if data.get("deepspeed"):
-        raise ValueError(
-            "fish_mask does not support `deepspeed` yet. ZeRO-1/2: restoring frozen entries "
-            "would also have to reset DeepSpeed's fp32 master copies (weight decay moves them), "
-            "and this was not exercised end to end (accelerate runs DeepSpeed only on GPUs). "
-            "ZeRO-3: parameters are partitioned into flat buffers the mask cannot see. Use FSDP2 "
-            "instead (`fsdp_version: 2` with an `fsdp_config:` block), or DDP."
-        )
+        check_deepspeed(data)
     if not (data.get("fsdp") or data.get("fsdp_config")):
         return
     fsdp_config = data.get("fsdp_config") or {}
