@@ -125,3 +125,16 @@ def test_groups_split_at_group_bytes(monkeypatch, dtype):
         if g is not grads[1]:
             assert not g[f].any() and g[~f].isinf().all()
     assert grads[1].isinf().all()  # None in its place: left alone
+
+
+@pytest.mark.parametrize("each_gradient", [True, False])
+def test_each_gradient_masks_before_a_later_hook_takes_the_gradient(each_gradient):
+    """As DeepSpeed's hooks (registered after ours) copy each gradient away at once."""
+    weight = nn.Parameter(torch.randn(4, 6))
+    keep = torch.rand(4, 6) < 0.5
+    GradientMask({"w": weight}, {"w": keep}, each_gradient=each_gradient)
+    taken: list[torch.Tensor] = []
+    weight.register_post_accumulate_grad_hook(lambda p: taken.append(p.grad.clone()) and None)
+    (weight * torch.randn(4, 6)).sum().backward()
+    assert bool(taken[0][~keep].any()) is not each_gradient  # grouped: masked only at the end
+    assert not weight.grad[~keep].any()

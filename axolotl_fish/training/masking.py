@@ -35,18 +35,24 @@ same order at every call:
     entries.snapshot(tensors)                 # remember the frozen entries' values
     entries.zero_(grads)                      # zero the frozen entries (None items are skipped)
     entries.restore_(tensors)                 # put the frozen entries back, bitwise
+    entries.zero_one_(i, grad)                # one tensor alone, e.g. in its own gradient hook
+
+`GradientMask(..., each_gradient=True)` zeroes each gradient in its own hook instead (one
+operator per tensor), where a launcher's hooks registered after ours take the gradient away at
+once: DeepSpeed copies it into its reduction buckets, so masking at the end of backward would
+come too late.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
-from axolotl_fish.base.sharded import local_mask, local_parts
+from axolotl_fish.base.sharded import local_mask, local_part, local_parts
 
 # A group's scratch buffer holds at most this much (one tensor larger than it is a group alone),
 # so a dense full-parameter mask does not double the weights' memory.
@@ -72,6 +78,8 @@ class _Group:
         ]
         device = scratch.device
         self.frozen = torch.cat([frozen[i].to(device, torch.bool).reshape(-1) for i in positions])
+        masks = self.frozen.split(sizes)
+        self.masks = [m.view(tensors[i].shape) for i, m in zip(positions, masks, strict=True)]
         self.initial: torch.Tensor | None = None
 
     def gather(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list, list]:
@@ -112,6 +120,10 @@ class FrozenEntries:
             largest = max(sum(tensors[i].numel() for i in group) for group in groups)
             scratch = torch.empty(largest, dtype=dtype, device=device)  # shared by the groups
             self._groups += [_Group(group, tensors, frozen, scratch) for group in groups]
+        # Each tensor's frozen mask: a view of its group's flat one.
+        self._masks = {
+            i: m for g in self._groups for i, m in zip(g.positions, g.masks, strict=True)
+        }
 
     @torch.no_grad()
     def zero_(self, tensors: Sequence[torch.Tensor | None]) -> None:
@@ -122,6 +134,11 @@ class FrozenEntries:
                 torch._foreach_copy_(views, targets)
                 group.flat.masked_fill_(group.frozen, 0)
                 torch._foreach_copy_(targets, views)
+
+    @torch.no_grad()
+    def zero_one_(self, index: int, tensor: torch.Tensor) -> None:
+        """Set the frozen entries of `tensors[index]` alone to 0 (one operator)."""
+        tensor.masked_fill_(self._masks[index], 0)
 
     @torch.no_grad()
     def snapshot(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -146,7 +163,18 @@ class FrozenEntries:
 class GradientMask:
     """Applies boolean masks (True = trainable) to the parameters they are keyed like."""
 
-    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]):
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        masks: Mapping[str, torch.Tensor],
+        *,
+        each_gradient: bool = False,
+    ) -> None:
+        """`each_gradient`: zero each gradient in its own hook as it arrives (one operator per
+        tensor and backward, as before the grouped masking), for a launcher whose own
+        post-accumulate-grad hooks, registered after ours, take the gradient away at once
+        (DeepSpeed copies it into its reduction buckets)."""
+        self._each_gradient = each_gradient
         # Full masks, True = frozen; each rank's slice of them is cut in `bind`.
         self._frozen = {key: ~masks[key].to(torch.bool) for key in partly_selected(params, masks)}
         self._unselected = [key for key in params if not masks[key].any()]
@@ -173,8 +201,9 @@ class GradientMask:
         self._params = bound
         frozen = [local_mask(mask, p) for mask, p in zip(self._frozen.values(), bound, strict=True)]
         self._entries = FrozenEntries(local_parts(bound), frozen)
-        for param in bound:
-            self._handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
+        for index, param in enumerate(bound):
+            hook = self._zero_at(index) if self._each_gradient else self._on_gradient
+            self._handles.append(param.register_post_accumulate_grad_hook(hook))
 
     def snapshot(self) -> None:
         """Record the values the frozen entries must keep (call once training weights are final,
@@ -195,6 +224,12 @@ class GradientMask:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _zero_at(self, index: int) -> Callable[[nn.Parameter], None]:
+        def hook(param: nn.Parameter) -> None:
+            self._entries.zero_one_(index, local_part(param.grad))
+
+        return hook
 
     def _on_gradient(self, param: nn.Parameter | None = None) -> None:
         """A gradient arrived: make sure the masking runs when this backward pass ends."""
