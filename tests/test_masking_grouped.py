@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from axolotl_run import free_port
 from benchmark_modules import benchmarks_importable
 from tiny_peft import padded_batches, tiny_lora_model
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from axolotl_fish.training.masking import FrozenEntries, GradientMask
@@ -74,19 +78,26 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Checkpointed(nn.Module):
-    """A linear layer, then two more, each run under reentrant checkpointing."""
+    """A linear layer, then two more, each run under (by default reentrant) checkpointing."""
 
-    def __init__(self) -> None:
+    def __init__(self, reentrant: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.reentrant = reentrant
         self.first = nn.Linear(8, 8)
         self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.first(x)
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=True)
+            x = checkpoint(layer, x, use_reentrant=self.reentrant)
         return x.sum()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Half of each checkpointed layer's entries, the same on every rank."""
+        generator = torch.Generator().manual_seed(1)
+        named = self.named_parameters()
+        return {n: torch.rand(p.shape, generator=generator) < 0.5 for n, p in named if "lay" in n}
 
 
 def test_reentrant_checkpointing_masks_once_after_the_outer_backward():
@@ -94,8 +105,8 @@ def test_reentrant_checkpointing_masks_once_after_the_outer_backward():
     outer one (as, under DDP, the copy of the reduced buckets into `.grad` may): the masking
     waits for the outer backward and runs once."""
     model = Checkpointed()
-    params = {name: p for name, p in model.named_parameters() if "layers" in name}
-    masks = {key: torch.rand(p.shape) < 0.5 for key, p in params.items()}
+    masks = model.masks()
+    params = {key: p for key, p in model.named_parameters() if key in masks}
     gradient_mask = GradientMask(params, masks)
     seen: list[bool] = []  # at each masking: had `first` (outer backward) its gradient yet?
     mask_gradients = gradient_mask.mask_gradients
@@ -138,3 +149,34 @@ def test_each_gradient_masks_before_a_later_hook_takes_the_gradient(each_gradien
     (weight * torch.randn(4, 6)).sum().backward()
     assert bool(taken[0][~keep].any()) is not each_gradient  # grouped: masked only at the end
     assert not weight.grad[~keep].any()
+
+
+def ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for reentrant in (True, False):
+            model = Checkpointed(reentrant)
+            masks = model.masks()
+            params = {key: p for key, p in model.named_parameters() if key in masks}
+            GradientMask(params, masks)
+            ddp = DistributedDataParallel(model)  # alive through backward: it reduces then
+            torch.manual_seed(rank)  # each rank its own examples
+            ddp(torch.randn(3, 8)).backward()
+            results[reentrant] = {key: (p.grad, masks[key]) for key, p in params.items()}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_masked_after_the_reduced_buckets_are_copied(tmp_path):
+    """DDP copies the all-reduced buckets into `.grad` in a callback at the end of backward (with
+    reentrant checkpointing and `first` trained, in the outer backward, after every masked
+    tensor's gradient arrived): the masking runs after it."""
+    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for reentrant in (True, False):
+        for key, (grad, keep) in ranks[0][reentrant].items():
+            assert not grad[~keep].any(), (reentrant, key)
+            assert grad[keep].all(), (reentrant, key)
+            assert torch.equal(grad, ranks[1][reentrant][key][0]), (reentrant, key)  # reduced
