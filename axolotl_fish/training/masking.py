@@ -13,9 +13,9 @@ fixed number of operators: `torch._foreach_copy_` of the group into a flat scrat
 `masked_fill_` (gradients) or `torch.where` (restore) over the buffer, `torch._foreach_copy_`
 back. A fill and a select, not a multiplication by 0/1: an inf or NaN gradient at a frozen entry
 becomes 0 (inf * 0 would be NaN, and a NaN clip norm turns every weight into NaN), and restored
-entries are bitwise their snapshot, whatever the optimizer wrote there. Memory: the snapshot, a
-bool mask and the scratch buffer, each the size of the partly masked tensors (the buffer at most
-`GROUP_BYTES` per dtype and device).
+entries are bitwise their snapshot, whatever the optimizer wrote there. Memory: the snapshot and
+the scratch buffer, each the size of the partly masked tensors (the buffer at most `GROUP_BYTES`
+per dtype and device), and a bool mask (1 byte per entry).
 
 `GradientMask` masks gradients once per backward pass, when it ends: each tensor's
 post-accumulate-grad hook only queues (once) a callback on the autograd engine, which queues the
