@@ -12,7 +12,7 @@ Plain tensors pass through, so one code path serves one device, DDP and FSDP2 al
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,14 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a DTensor (sharing its storage, so in-place edits reach it); any
     other tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_parts(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """`local_part` of each tensor (None stays None) without dispatching an operator, for code
+    that must cost the same whatever the number of tensors: `to_local()` on a Parameter holding a
+    DTensor returns a fresh view (one operator each), so the DTensor's own local tensor is taken;
+    it is the storage FSDP2 all-gathers from and the optimizer steps."""
+    return [t._local_tensor if isinstance(t, DTensor) else t for t in tensors]
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -239,6 +239,9 @@ class DeepSpeedFishMaskCallback(FishMaskCallback):
     that the Trainer's ZeRO-3 saves keep them (it drops tensors that do not)."""
 
     restore: MasterRestore | None = None
+    # DeepSpeed's own gradient hooks take each gradient as soon as it is ready, so it must be
+    # masked in its own hook, not once when backward ends.
+    mask_each_gradient = True
 
     def __init__(self, model: nn.Module, mask: FishMask, *, zero3: bool = False) -> None:
         check_no_leaf_modules(model)

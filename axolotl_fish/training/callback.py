@@ -45,6 +45,10 @@ class FishMaskCallback(TrainerCallback):
     FSDP2 replaced them by sharded ones.
     """
 
+    # True for a launcher whose own gradient hooks take each gradient right after ours
+    # (DeepSpeed): `GradientMask` then zeroes each gradient in its hook, not once per backward.
+    mask_each_gradient = False
+
     def __init__(self, model: nn.Module, mask: FishMask, *, sparse: bool = True) -> None:
         self._setup(model, mask, trainable_parameters(model), sparse)
 
@@ -71,7 +75,7 @@ class FishMaskCallback(TrainerCallback):
             self._begin = self._begin_sparse
             self._step, self._end = self.sparse_training.after_step, self.sparse_training.remove
         else:
-            gradient_mask = GradientMask(params, mask.masks)
+            gradient_mask = GradientMask(params, mask.masks, each_gradient=self.mask_each_gradient)
             self._begin = _rebinding(gradient_mask, names_of(model, params))
             self._step, self._end = gradient_mask.restore, gradient_mask.remove
 

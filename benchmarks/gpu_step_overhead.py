@@ -1,0 +1,245 @@
+"""LoRA training steps with and without a mask on a GPU, at Qwen2.5 shapes in bf16.
+
+    python benchmarks/gpu_step_overhead.py [--shape qwen2.5-0.5b] [--out results.jsonl]
+
+Without `--shape`, both shapes: one command, a few minutes on one H100. Needs torch,
+transformers and peft only: the masking module is imported without the package's `__init__`
+(which needs pydantic and pluggy, absent on a bare GPU machine). Per shape (published sizes,
+random weights: weights do not change timings),
+LoRA r=16 on every linear layer of the decoder (q, k, v, o, gate, up, down; PEFT's fp32
+factors on the bf16 model), one copy of the model per variant, all on the device at once:
+- plain: plain LoRA;
+- masked: a 50% random mask on every LoRA tensor through `GradientMask` (every tensor partly
+  masked: the worst case);
+- per_tensor: the same mask applied the way it was before issue 40, for reference: one
+  `masked_fill_` per tensor in its gradient hook and one `torch.where` per tensor after the step.
+A step is forward, backward, clip_grad_norm (1.0), AdamW (weight decay 0.01) step, zero_grad and
+the mask's restore, on one micro-batch of `--micro-batch` rows of `--seq` random tokens, the last
+`--answer` labelled. `--rounds` rounds interleave the variants, `--steps` steps each after a
+warm-up step; times are medians of CUDA-synchronised steps. On a GPU, the kernels one step
+launches are counted with torch.profiler. Every result is printed (and appended to `--out`) as a
+JSON line; the last line sums up the ratios to plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SHAPES: dict[str, dict[str, int | bool]] = {
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "qwen2.5-0.5b": {
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-1.5b": {
+        "vocab_size": 151936,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["plain", "masked", "per_tensor"]
+
+
+def masking_module() -> types.ModuleType:
+    """`axolotl_fish.training.masking`, its packages stood in for by empty ones."""
+    root = Path(__file__).resolve().parents[1] / "axolotl_fish"
+    for name, folder in [("", root), (".base", root / "base"), (".training", root / "training")]:
+        package = types.ModuleType("axolotl_fish" + name)
+        package.__path__ = [str(folder)]
+        sys.modules.setdefault(package.__name__, package)
+    return importlib.import_module("axolotl_fish.training.masking")
+
+
+def lora_model(shape: str, device: str) -> nn.Module:
+    """A random bf16 model of this shape with a fresh LoRA on every linear layer, lora_B moved
+    off zero (as after a few steps)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model("qwen2", **SHAPES[shape]), dtype=torch.bfloat16
+        )
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    return model
+
+
+class PerTensorMask:
+    """The masking before issue 40, for reference: a kernel per tensor in backward and after
+    the step."""
+
+    def __init__(self, params: list[nn.Parameter], masks: list[torch.Tensor]) -> None:
+        self.items = [(p, ~m, p.detach().clone()) for p, m in zip(params, masks, strict=True)]
+        for param, frozen, _ in self.items:
+            param.register_post_accumulate_grad_hook(_zero_at(frozen))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, frozen, initial in self.items:
+            torch.where(frozen, initial, param, out=param)
+
+
+def _zero_at(frozen: torch.Tensor):
+    def hook(param: nn.Parameter) -> None:
+        param.grad.masked_fill_(frozen, 0.0)
+
+    return hook
+
+
+class Variant:
+    def __init__(self, name: str, shape: str, device: str) -> None:
+        self.model = lora_model(shape, device)
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        generator = torch.Generator().manual_seed(0)
+        masks = [(torch.rand(p.shape, generator=generator) < 0.5).to(device) for p in lora]
+        self.mask = None
+        if name == "masked":
+            keys = [str(i) for i in range(len(lora))]
+            self.mask = masking_module().GradientMask(
+                dict(zip(keys, lora, strict=True)), dict(zip(keys, masks, strict=True))
+            )
+            self.mask.snapshot()
+        elif name == "per_tensor":
+            self.mask = PerTensorMask(lora, masks)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=0.01)
+        self.tensors = len(lora)
+        self.model.train()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mask is not None:
+            self.mask.restore()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_seconds(variant: Variant, batch: dict[str, torch.Tensor], device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    variant.step(batch)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def kernels_per_step(variant: Variant, batch: dict[str, torch.Tensor]) -> int:
+    """GPU kernels (and memory copies and sets) that one step launches."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        variant.step(batch)
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
+
+
+def measure(args: argparse.Namespace, shape: str) -> dict[str, object]:
+    vocab = int(SHAPES[shape]["vocab_size"])
+    ids = torch.randint(
+        vocab, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
+    labels = ids.clone()
+    labels[:, : args.seq - args.answer] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {key: value.to(args.device) for key, value in batch.items()}
+    variants = {name: Variant(name, shape, args.device) for name in VARIANTS}
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for variant in variants.values():
+        variant.step(batch)  # warm-up: allocator, optimizer state
+    for round_ in range(args.rounds):
+        for name, variant in variants.items():
+            times = [step_seconds(variant, batch, args.device) for _ in range(args.steps)]
+            seconds[name] += times
+            row = {
+                "shape": shape,
+                "round": round_,
+                "variant": name,
+                "median_s": statistics.median(times),
+            }
+            report(args, row)
+    result: dict[str, object] = {"shape": shape, "lora_tensors": variants["plain"].tensors}
+    for name in VARIANTS:
+        result[f"{name}_s"] = statistics.median(seconds[name])
+        result[f"{name}_x_plain"] = round(
+            statistics.median(seconds[name]) / statistics.median(seconds["plain"]), 4
+        )
+        if args.device.startswith("cuda"):
+            result[f"{name}_kernels"] = kernels_per_step(variants[name], batch)
+    report(args, result)
+    return result
+
+
+def report(args: argparse.Namespace, row: dict[str, object]) -> None:
+    print(json.dumps(row), flush=True)
+    if args.out is not None:
+        with args.out.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512, help="tokens per row")
+    parser.add_argument("--answer", type=int, default=64, help="labelled tokens per row")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--out", type=Path, help="append each result here as a JSON line")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(json.dumps({"device": device, "torch": torch.__version__}), flush=True)
+    results = [measure(args, shape) for shape in args.shape or ["qwen2.5-0.5b", "qwen2.5-1.5b"]]
+    print("\n| shape | LoRA tensors | variant | s/step | x plain | kernels/step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for result in results:
+        for name in VARIANTS:
+            kernels = result.get(f"{name}_kernels", "n/a")
+            print(
+                f"| {result['shape']} | {result['lora_tensors']} | {name} | "
+                f"{result[f'{name}_s']:.4f} | {result[f'{name}_x_plain']:.3f} | {kernels} |"
+            )
+    summary = {r["shape"]: {n: r[f"{n}_x_plain"] for n in VARIANTS[1:]} for r in results}
+    print(json.dumps({"x_plain": summary}))
+
+
+if __name__ == "__main__":
+    main()
