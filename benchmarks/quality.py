@@ -40,7 +40,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -58,6 +57,8 @@ import torch
 import yaml
 from common import CACHE, TARGETS
 from quality_methods import LR_WARMUP_STEPS, Method, lora_shapes, method_table
+
+from axolotl_fish.compare.ladder import choose_lr, lrs_to_run
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {
@@ -411,37 +412,10 @@ class Results:
 
 # ---------------------------------------------------------------- the protocol's decisions
 
-LADDER_MANTISSAS = (1.0, 3.0)
-
-
-def ladder_step(lr: float, up: bool) -> float:
-    """The next value on the 1, 3, 10, 30, ... ladder above or below lr."""
-    exponent = math.floor(math.log10(lr) + 1e-9)
-    values = sorted(
-        m * 10.0**e for e in range(exponent - 2, exponent + 3) for m in LADDER_MANTISSAS
-    )
-    values = [float(f"{v:.3g}") for v in values]
-    return (
-        next(v for v in values if v > lr * 1.01) if up else [v for v in values if v < lr * 0.99][-1]
-    )
-
-
 def plateau_step(points: list[tuple[int, float]], tol: float) -> int:
     """The first checkpoint whose validation accuracy is within tol of the best one."""
     best = max(acc for _, acc in points)
     return next(step for step, acc in sorted(points) if acc >= best - tol)
-
-
-def choose_lr(grid: dict[float, float]) -> tuple[float, float | None]:
-    """(best LR, LR still to try or None): the best validation accuracy (ties: lower LR); while
-    it sits at an edge of the grid and beats its neighbour, one ladder step past that edge."""
-    lrs = sorted(grid)
-    best = max(lrs, key=lambda lr: (grid[lr], -lr))
-    if len(lrs) > 1 and best == lrs[0] and grid[best] > grid[lrs[1]]:
-        return best, ladder_step(best, up=False)
-    if len(lrs) > 1 and best == lrs[-1] and grid[best] > grid[lrs[-2]]:
-        return best, ladder_step(best, up=True)
-    return best, None
 
 
 class Protocol:
@@ -466,23 +440,16 @@ class Protocol:
     def chosen_lr(self, task: str, method: Method, steps: int) -> float | None:
         """The method's LR once its grid is complete (None while LRs remain to try)."""
         grid = self.grid(task, method, steps)
-        start = list(method.lrs or self.args.lrs)
-        if any(lr not in grid for lr in start):
+        if self.grid_lrs(task, method, steps):
             return None
-        best, more = choose_lr(grid)
-        if more is not None and self.args.lr_min <= more <= self.args.lr_max:
-            return None
-        return best
+        return choose_lr(grid)[0]
 
     def grid_lrs(self, task: str, method: Method, steps: int) -> list[float]:
         """The grid's LRs still to run: every missing starting LR (they can run at once), then
         one ladder step past an edge, once the grid so far is complete."""
-        grid = self.grid(task, method, steps)
-        missing = [lr for lr in (method.lrs or self.args.lrs) if lr not in grid]
-        if missing:
-            return missing
-        _, more = choose_lr(grid)
-        return [more] if more is not None and self.args.lr_min <= more <= self.args.lr_max else []
+        start = list(method.lrs or self.args.lrs)
+        bounds = (self.args.lr_min, self.args.lr_max)
+        return lrs_to_run(self.grid(task, method, steps), start, bounds)
 
     @property
     def main_tier(self) -> int:
