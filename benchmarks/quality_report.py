@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from quality_methods import LR_WARMUP_STEPS, Method, comparisons, default_questions
+
 from axolotl_fish.compare.stats import MIN_SEEDS_FOR_CLAIM, Difference, paired_bootstrap
 
 NOT_RUN = "not run yet"

@@ -181,3 +181,18 @@ def test_verdict_claims_only_what_both_intervals_allow() -> None:
     assert line.startswith("Verdict (test answer loss): ")
     assert "fisher LoRA r16->r8 beats dense LoRA r8" in line
     assert "fisher LoRA r16->r8 beats random LoRA r16->r8" in line
+
+
+def test_benchmark_keys_your_data_by_content_and_keeps_out_of_docs(tmp_path: Path) -> None:
+    from benchmark_modules import benchmarks_importable
+
+    with benchmarks_importable():
+        import quality
+    named_like_a_task = tmp_path / "sentiment.jsonl"
+    named_like_a_task.write_text(json.dumps(rows(1)[0]) + "\n")
+    args = quality.parse_args(["--data", str(named_like_a_task)])
+    assert args.task_names[0].startswith("data-") and args.task_names[0] != "sentiment"
+    assert "docs" not in args.results.parts and "docs" not in args.out.parts
+    named_like_a_task.write_text(json.dumps(rows(2)[1]) + "\n")  # other content, other task
+    assert quality.parse_args(["--data", str(named_like_a_task)]).task_names != args.task_names
+    assert quality.parse_args([]).results == Path("docs/quality_protocol.jsonl")

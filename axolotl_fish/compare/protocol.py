@@ -76,9 +76,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 class Store:
     """The results file: one JSON object per line, rewritten atomically on every append; rows of
-    other protocol hashes are kept and ignored."""
+    another protocol (a hash here; the benchmark's settings dict) are kept and ignored."""
 
-    def __init__(self, path: Path, protocol: str) -> None:
+    def __init__(self, path: Path, protocol: Any) -> None:
         self.path = path
         self.protocol = protocol
         self.rows = read_jsonl(path) if path.is_file() else []
@@ -86,8 +86,11 @@ class Store:
     def mine(self) -> list[dict[str, Any]]:
         return [row for row in self.rows if row.get("protocol") == self.protocol]
 
+    def find(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.mine() if all(r.get(k) == v for k, v in match.items())]
+
     def get(self, key: str) -> dict[str, Any] | None:
-        return next((row for row in self.mine() if row["key"] == key), None)
+        return next(iter(self.find(key=key)), None)
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append({**row, "protocol": self.protocol})

@@ -91,6 +91,8 @@ def train(
     timing = {
         "wall_seconds": round(wall, 1),
         "train_runtime": float(found[-1]) if found else round(wall, 1),
+        # On a shared machine the 15-minute load average at the end says how much it was shared.
+        "load_avg_15min": round(os.getloadavg()[2], 1),
         **({"resumed_from_step": resumed} if resumed else {}),
     }
     write_text_atomically(run_dir / DONE, json.dumps(timing))
