@@ -196,3 +196,44 @@ def test_benchmark_keys_your_data_by_content_and_keeps_out_of_docs(tmp_path: Pat
     named_like_a_task.write_text(json.dumps(rows(2)[1]) + "\n")  # other content, other task
     assert quality.parse_args(["--data", str(named_like_a_task)]).task_names != args.task_names
     assert quality.parse_args([]).results == Path("docs/quality_protocol.jsonl")
+
+
+def test_scores_match_a_plain_forward(tiny_llama_dir: Path) -> None:
+    """Answer loss and the cached closed-set log-probabilities equal one unpadded forward per
+    row (rows of different lengths, so padding and positions matter)."""
+    import torch
+
+    from axolotl_fish.compare.scoring import (
+        IGNORE,
+        Row,
+        answer_logprobs,
+        answer_nll,
+        closed_set,
+        load_model,
+    )
+
+    model = load_model(tiny_llama_dir, None, "cpu")
+    prompts = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55], [1, 60]]
+    answers = [[70, 71, 2], [80, 2]]
+    rows = [
+        Row(p + a, [IGNORE] * len(p) + a)
+        for p, a in zip(prompts, [*answers, answers[0]], strict=True)
+    ]
+    assert closed_set(rows, 10) == [(70, 71, 2), (80, 2)]
+    assert closed_set(rows, 1) is None
+
+    def plain(ids: list[int], start: int) -> torch.Tensor:
+        """Log-probabilities of ids[start:] given what precedes them."""
+        logits = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        return logits[start - 1 : -1].gather(-1, torch.tensor(ids[start:])[:, None]).squeeze(-1)
+
+    with torch.no_grad():
+        nll = answer_nll(model, rows, pad=0, batch=3)
+        for row, value in zip(rows, nll, strict=True):
+            expected = -plain(row.input_ids, len(row.prompt)).mean()
+            assert value.item() == pytest.approx(expected.item(), abs=1e-4)
+        table = answer_logprobs(model, prompts, answers, pad=0)
+        for i, prompt in enumerate(prompts):
+            for j, answer in enumerate(answers):
+                expected = plain(prompt + answer, len(prompt)).sum()
+                assert table[i, j].item() == pytest.approx(expected.item(), abs=1e-4)

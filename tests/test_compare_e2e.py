@@ -64,18 +64,20 @@ def comparison(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -
     out = project / "cmp"
     before = snapshot(project, out) | snapshot(tiny_llama_dir, out)
     env = {**os.environ, **OFFLINE_ENV}
-    first = subprocess.Popen(
-        command(project, out), cwd=project, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    log = tmp_path_factory.mktemp("logs") / "first.log"
+    with log.open("w") as handle:
+        first = subprocess.Popen(
+            command(project, out), cwd=project, env=env, stdout=handle,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     results = out / "results.jsonl"
     deadline = time.monotonic() + 600
     while not (results.is_file() and results.read_text().strip()) and first.poll() is None:
         assert time.monotonic() < deadline, "no run finished in 600 s"
         time.sleep(1)
+    assert first.poll() is None, f"the comparison ended before the kill:\n{log.read_text()}"
     os.killpg(first.pid, signal.SIGKILL)
-    killed_output = first.communicate()[0]
-    assert first.returncode != 0, f"the comparison ended before the kill:\n{killed_output}"
+    first.wait()
     recorded = [json.loads(line) for line in results.read_text().splitlines()]
     run = out / "runs" / recorded[0]["protocol"]
     done = {p: p.stat().st_mtime_ns for p in run.rglob("done.json")}

@@ -113,13 +113,8 @@ class Comparison:
         cwd: Path,
         say: Callable[[str], None] = print,
     ) -> None:
-        self.config_path, self.out, self.settings, self.cwd, self.say = (
-            config_path,
-            out,
-            settings,
-            cwd,
-            say,
-        )
+        self.config_path, self.out, self.settings = config_path, out, settings
+        self.cwd, self.say = cwd, say
         self.config: dict[str, Any] = yaml.safe_load(config_path.read_text()) or {}
         train_path = local_dataset(self.config, config_path, cwd)
         names = (str(train_path), str(test_path))
@@ -235,7 +230,8 @@ class Comparison:
             f"rows: {len(self.splits.train)} train, {len(self.splits.val)} validation (taken "
             f"from the training data), {len(self.splits.test)} test; disjoint by content",
             f"every run: {s.steps} steps; LR grid {', '.join(f'{lr:g}' for lr in s.lrs)} at seed "
-            f"{s.seeds[0]} (extended past an edge), then seeds {', '.join(map(str, s.seeds))}",
+            f"{s.seeds[0]}{' (extended past an edge)' if len(s.lrs) > 1 else ''}, then seeds "
+            f"{', '.join(map(str, s.seeds))}",
             "arms:",
         ]
         for arm in self.arms:
@@ -256,6 +252,10 @@ class Comparison:
     # ------------------------------------------------------------------ running
 
     def prepare(self) -> None:
+        """The results file first (it marks the folder as a comparison's), then the splits."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.store.path.is_file():
+            write_text_atomically(self.store.path, "")
         self.work.mkdir(parents=True, exist_ok=True)
         for name in ("train", "val", "test"):
             text = jsonl_text(getattr(self.splits, name))
@@ -274,6 +274,7 @@ class Comparison:
             config["datasets"][0]["path"] = str((self.work / f"{name}.jsonl").resolve())
             config["dataset_prepared_path"] = str((self.work / f"prepared_{name}").resolve())
             config["sample_packing"] = False
+            config["learning_rate"] = self.settings.lrs[0]  # required by the schema, unused
             config["output_dir"] = str((self.work / f"tokenize_{name}").resolve())
             run_axolotl("preprocess", config, self.work / f"tokenize_{name}", self.cwd, self.env)
             from datasets import load_from_disk

@@ -60,9 +60,11 @@ def load_model(base_model: str | Path, adapter_dir: Path | None, device: str) ->
     """The base model in fp32 with the adapter saved in `adapter_dir` (PEFT, or the plugin's
     bottleneck adapter), in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
     from axolotl_fish.adapters.bottleneck import load_bottleneck
 
+    logging.disable_progress_bar()  # the console carries the comparison's own lines only
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     if adapter_dir is not None and (adapter_dir / "bottleneck_config.json").is_file():
         model = load_bottleneck(model, adapter_dir)
