@@ -237,3 +237,14 @@ def test_scores_match_a_plain_forward(tiny_llama_dir: Path) -> None:
             for j, answer in enumerate(answers):
                 expected = plain(prompt + answer, len(prompt)).sum()
                 assert table[i, j].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_report_writes_table_and_plot_into_the_folder_only(tmp_path: Path) -> None:
+    seeds = [np.array([1.0, 1.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0, 0.0])]
+    lines = report.write_report(
+        recorded({arm: seeds for arm in ARMS}), ARMS, [0, 1], ["header"], tmp_path
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.md", "compare.png"]
+    assert "| dense LoRA r8 | 100 | 0.001 | 50.0 | 25.0 | 37.5 | - |" in lines
+    assert "no claim yet (2 of 3 seeds)" in lines[0]
+    assert (tmp_path / "compare.md").read_text().count("| fisher LoRA r16->r8 |") == 2  # 2 metrics

@@ -92,7 +92,7 @@ def table(
 ) -> list[str]:
     """A markdown table: arm, entries, LR, value per seed, mean, difference to the first arm."""
     dense = arms[0]
-    sign = "" if metric.higher_is_better else " (minus: lower loss)"
+    sign = "" if metric.higher_is_better else " (positive: lower loss)"
     lines = [
         f"{metric.title}",
         "",
