@@ -64,7 +64,7 @@ from axolotl_fish.compare.ladder import choose_lr, lrs_to_run
 from axolotl_fish.compare.protocol import Store, read_jsonl
 from axolotl_fish.compare.runs import RunFailed
 from axolotl_fish.compare.runs import train as train_once
-from axolotl_fish.compare.scoring import bits, closed_set_correct, load_model
+from axolotl_fish.compare.scoring import bits, closed_set_scores, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {
@@ -182,7 +182,7 @@ class LabelScorer:
     """Held-out correctness by comparing the log-likelihood of each label after the prompt.
 
     Each prompt is read once and every label continues from a copy of its key/value cache
-    (axolotl_fish.compare.scoring.closed_set_correct): the cost is one forward per row.
+    (axolotl_fish.compare.scoring.closed_set_scores): the cost is one forward per row.
     """
 
     def __init__(self, model_path: Path, rows: list[dict]) -> None:
@@ -199,7 +199,8 @@ class LabelScorer:
     def correct(self, adapter_dir: Path | None) -> torch.Tensor:
         """[rows] bool: whether the most likely label is the gold one."""
         model = load_model(self.model_path, adapter_dir, "cpu")
-        return closed_set_correct(model, self.prompts, self.label_ids, self.gold, self.pad)
+        scores = closed_set_scores(model, self.prompts, self.label_ids, self.pad)
+        return scores.argmax(dim=1) == self.gold
 
 
 # ---------------------------------------------------------------- training

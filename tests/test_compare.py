@@ -206,6 +206,7 @@ def test_scores_match_a_plain_forward(tiny_llama_dir: Path) -> None:
     from axolotl_fish.compare.scoring import (
         IGNORE,
         Row,
+        SplitScorer,
         answer_logprobs,
         answer_nll,
         closed_set,
@@ -237,6 +238,13 @@ def test_scores_match_a_plain_forward(tiny_llama_dir: Path) -> None:
             for j, answer in enumerate(answers):
                 expected = plain(prompt + answer, len(prompt)).sum()
                 assert table[i, j].item() == pytest.approx(expected.item(), abs=1e-4)
+    # With a closed set the loss comes from the same pass as the accuracy: it must not change.
+    scored = SplitScorer(rows, str(tiny_llama_dir), Path.cwd(), 10, False).score(None, "test")
+    assert scored["test_nll_rows"] == pytest.approx(nll.tolist(), abs=1e-4)
+    best = table.argmax(dim=1).tolist()
+    assert scored["test_correct"] == "".join(
+        "1" if b == g else "0" for b, g in zip(best, [0, 1, 0], strict=False)
+    )
 
 
 def test_report_writes_table_and_plot_into_the_folder_only(tmp_path: Path) -> None:

@@ -151,19 +151,15 @@ def answer_logprobs(
     return torch.stack(columns, dim=1).cpu()
 
 
-def closed_set_correct(
-    model: nn.Module,
-    prompts: list[list[int]],
-    answers: list[list[int]],
-    gold: torch.Tensor,
-    pad: int,
-    batch: int = 16,
+def closed_set_scores(
+    model: nn.Module, prompts: list[list[int]], answers: list[list[int]], pad: int, batch: int = 16
 ) -> torch.Tensor:
-    """[rows] bool: whether the most likely of `answers` after each prompt is `gold` (indices)."""
+    """[rows, answers]: summed log-probability of each of `answers` after each prompt (the most
+    likely one is the prediction)."""
     scores = torch.empty(len(prompts), len(answers))
     for chunk in by_length([len(p) for p in prompts], batch):
         scores[chunk] = answer_logprobs(model, [prompts[i] for i in chunk], answers, pad)
-    return scores.argmax(dim=1) == gold
+    return scores
 
 
 @torch.no_grad()
@@ -226,16 +222,21 @@ class SplitScorer:
         `{name}_correct`, `{name}_exact_acc` / `{name}_exact`."""
         model = load_model(self.base_model, adapter_dir, self.device)
         pad = pad_id(self.tokenizer)
-        nll = answer_nll(model, self.rows, pad)
-        out: dict[str, object] = {
+        out: dict[str, object] = {}
+        if self.answers is None:
+            nll = answer_nll(model, self.rows, pad)
+        else:
+            # One pass gives both: the gold answer's log-probability is its loss.
+            prompts = [row.prompt for row in self.rows]
+            scores = closed_set_scores(model, prompts, [list(a) for a in self.answers], pad)
+            gold = scores.gather(1, self.gold[:, None]).squeeze(1)
+            nll = -gold / torch.tensor([len(row.answer) for row in self.rows])
+            correct = scores.argmax(dim=1) == self.gold
+            out |= {f"{name}_acc": float(correct.float().mean()), f"{name}_correct": bits(correct)}
+        out |= {
             f"{name}_nll": float(nll.mean()),
             f"{name}_nll_rows": [round(float(v), 5) for v in nll],
         }
-        if self.answers is not None:
-            prompts = [row.prompt for row in self.rows]
-            answers = [list(a) for a in self.answers]
-            correct = closed_set_correct(model, prompts, answers, self.gold, pad)
-            out |= {f"{name}_acc": float(correct.float().mean()), f"{name}_correct": bits(correct)}
         if self.exact:
             exact = exact_match(model, self.rows, self.tokenizer)
             out |= {f"{name}_exact_acc": float(exact.float().mean()), f"{name}_exact": bits(exact)}
