@@ -6,7 +6,7 @@ imported lazily so the core does not import Axolotl.
 
 Rooms, by floor (a module imports only its own room and lower floors; tests/test_layout.py checks):
 1 `base`, `config` - 2 `adapters`, `fisher` - 3 `masks`, `scorers` - 4 `training`, `reports` -
-5 `pipeline`, `distributed` - 6 `integration` (Axolotl) - 7 `cli`, `demo`.
+5 `pipeline`, `distributed` - 6 `integration` (Axolotl) - 7 `compare`, `demo` - 8 `cli`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`axolotl fish-mask ...` (Axolotl's `axolotl.cli_commands` entry point) and
-`python -m axolotl_fish ...`: compute, inspect and compare mask files."""
+`python -m axolotl_fish ...`: compute, inspect and compare mask files; apply a delta; compare
+FISH with dense and random training on your data (`compare`, from the compare room)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from axolotl_fish.compare.command import compare
 from axolotl_fish.masks.file import FishMask
 from axolotl_fish.masks.source import load_mask
 
@@ -117,3 +119,6 @@ def apply(base_model: Path, delta: Path, out_dir: Path) -> None:
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"{path} written: {base_model} with the delta {delta} applied")
+
+
+fish_mask.add_command(compare)

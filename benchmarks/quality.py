@@ -32,6 +32,12 @@ skips what is there and continues, and a training whose run folder is complete i
     .venv/bin/python benchmarks/quality.py                 # the protocol, resumable
     .venv/bin/python benchmarks/quality.py --report        # rebuild the report only
     .venv/bin/python benchmarks/quality.py --data my.jsonl --test my_test.jsonl   # your data
+
+Your own data is a task named by its content (`data-<hash>`), its results and report go to
+outputs/quality_own/<task>/ unless --results / --out say otherwise; `axolotl fish-mask compare`
+(docs/compare.md) runs the same protocol for any config. The protocol's pieces (claim words and
+intervals, LR ladder, training subprocess, results file, label scoring) live in
+axolotl_fish/compare/; this script adds the published protocol's phases and method table.
 """
 
 from __future__ import annotations
@@ -40,12 +46,8 @@ import argparse
 import copy
 import hashlib
 import json
-import math
-import os
 import random
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,9 +57,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from common import CACHE, TARGETS
 from quality_methods import LR_WARMUP_STEPS, Method, lora_shapes, method_table
+
+from axolotl_fish.compare.ladder import choose_lr, lrs_to_run
+from axolotl_fish.compare.protocol import Store, read_jsonl
+from axolotl_fish.compare.runs import RunFailed
+from axolotl_fish.compare.runs import train as train_once
+from axolotl_fish.compare.scoring import bits, closed_set_scores, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {
@@ -108,10 +115,6 @@ class Job:
 
 
 # ---------------------------------------------------------------- data and scoring
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_task(name: str, data: Path, test: Path | None, args: argparse.Namespace) -> Task:
@@ -178,13 +181,12 @@ class PromptTokens:
 class LabelScorer:
     """Held-out correctness by comparing the log-likelihood of each label after the prompt.
 
-    Each prompt is read once (left-padded, positions counted from its first real token) and every
-    label continues from a copy of its key/value cache: the cost is one forward per row.
+    Each prompt is read once and every label continues from a copy of its key/value cache
+    (axolotl_fish.compare.scoring.closed_set_scores): the cost is one forward per row.
     """
 
-    def __init__(self, model_path: Path, rows: list[dict], batch: int = 16) -> None:
+    def __init__(self, model_path: Path, rows: list[dict]) -> None:
         self.model_path = model_path
-        self.batch = batch
         tokens = PromptTokens(model_path)
         self.labels = sorted({row["output"] for row in rows})
         self.gold = torch.tensor([self.labels.index(row["output"]) for row in rows])
@@ -194,65 +196,11 @@ class LabelScorer:
         tokenizer = tokens.strategy.tokenizer
         self.pad = tokenizer.pad_token_id or tokenizer.eos_token_id
 
-    def load(self, adapter_dir: Path | None) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        if adapter_dir is not None and (adapter_dir / "bottleneck_config.json").is_file():
-            from axolotl_fish.adapters.bottleneck import load_bottleneck
-
-            model = load_bottleneck(model, adapter_dir)
-        elif adapter_dir is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_dir)
-        return model.eval()
-
-    @torch.no_grad()
     def correct(self, adapter_dir: Path | None) -> torch.Tensor:
         """[rows] bool: whether the most likely label is the gold one."""
-        model = self.load(adapter_dir)
-        # Batches of similar lengths: left-padding a random batch to its longest prompt wastes
-        # about half of the forward's tokens.
-        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
-        scores = torch.empty(len(self.prompts), len(self.labels))
-        for start in range(0, len(order), self.batch):
-            rows = order[start : start + self.batch]
-            scores[rows] = self._label_logprobs(model, [self.prompts[i] for i in rows])
+        model = load_model(self.model_path, adapter_dir, "cpu")
+        scores = closed_set_scores(model, self.prompts, self.label_ids, self.pad)
         return scores.argmax(dim=1) == self.gold
-
-    def _label_logprobs(self, model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
-        """[rows, labels]: summed log-probability of each label's tokens after each prompt."""
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.tensor([[self.pad] * (width - len(ids)) + ids for ids in prompts])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        first = out.logits[:, -1].log_softmax(-1)
-        columns = []
-        for ids in self.label_ids:
-            label = torch.tensor(ids).expand(len(prompts), -1)
-            total = first[:, ids[0]]
-            if len(ids) > 1:
-                rest = model(
-                    input_ids=label[:, :-1],
-                    attention_mask=torch.cat([attention, torch.ones_like(label)], dim=1)[:, :-1],
-                    position_ids=positions[:, -1:] + 1 + torch.arange(len(ids) - 1),
-                    past_key_values=copy.deepcopy(out.past_key_values),
-                ).logits.log_softmax(-1)
-                total = total + rest.gather(-1, label[:, 1:, None]).squeeze(-1).sum(-1)
-            columns.append(total)
-        return torch.stack(columns, dim=1)
-
-
-def bits(correct: torch.Tensor) -> str:
-    return "".join("1" if c else "0" for c in correct.tolist())
 
 
 # ---------------------------------------------------------------- training
@@ -305,57 +253,23 @@ def config_for(job: Job, task: Task, args: argparse.Namespace, keep_all: bool = 
     return config
 
 
-def train(config: dict, run_dir: Path, threads: int) -> dict[str, float]:
-    """`axolotl train` in a subprocess (log: run_dir/train.log), unless a finished one is there.
-    Returns wall seconds and the trainer's own train_runtime. A run that cannot even start
-    because the environment is missing pieces (a shared venv being reinstalled) is retried
-    every minute for up to an hour instead of failing."""
-    done = run_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Axolotl resumes from the last checkpoint; the wall time of the killed part is lost.
-    resumed = max((int(c.name.split("-")[1]) for c in run_dir.glob("checkpoint-*")), default=0)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(threads)}
-    env["MKL_NUM_THREADS"] = str(threads)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    axolotl = Path(sys.executable).parent / "axolotl"
-    for attempt in range(ENVIRONMENT_RETRIES + 1):
-        start = time.perf_counter()
-        with (run_dir / "train.log").open("w") as log:
-            result = (
-                subprocess.run(
-                    [str(axolotl), "train", str(config_path)],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                if axolotl.is_file()
-                else None
-            )
-        wall = time.perf_counter() - start
-        text = (run_dir / "train.log").read_text()
-        broken = result is None or re.search(r"ModuleNotFoundError|ImportError", text)
-        if result is not None and result.returncode == 0:
-            break
-        if not broken or attempt == ENVIRONMENT_RETRIES:
-            raise RuntimeError(f"axolotl train failed for {config_path}:\n{text[-3000:]}")
-        print(f"  environment incomplete ({axolotl} missing or an import failed); retry in 60 s")
-        time.sleep(60)
-    found = re.findall(r"'train_runtime': '?([0-9.]+)", text)
-    timing = {
-        "wall_seconds": round(wall, 1),
-        "train_runtime": float(found[-1]) if found else wall,
-        # The machine is shared: the 15-minute load average at the end says how much.
-        "load_avg_15min": round(os.getloadavg()[2], 1),
-        "threads": threads,
-        **({"resumed_from_step": resumed} if resumed else {}),
-    }
-    write_atomic(done, json.dumps(timing))
-    return timing
+def train(config: dict, run_dir: Path, threads: int) -> dict[str, Any]:
+    """`axolotl train` in a subprocess (axolotl_fish.compare.runs.train: log run_dir/train.log,
+    a finished run is not redone, a killed one resumes from its last checkpoint). A run that
+    cannot even start because the environment is missing pieces (a shared venv being
+    reinstalled) is retried every minute for up to an hour instead of failing."""
+    env = {**OFFLINE, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for _ in range(ENVIRONMENT_RETRIES):
+        try:
+            return train_once(config, run_dir, ROOT, env) | {"threads": threads}
+        except (RunFailed, OSError) as err:
+            if isinstance(err, RunFailed) and not re.search(
+                r"ModuleNotFoundError|ImportError", str(err)
+            ):
+                raise
+            print("  environment incomplete (axolotl missing or an import failed); retry in 60 s")
+            time.sleep(60)
+    return train_once(config, run_dir, ROOT, env) | {"threads": threads}
 
 
 def mask_facts(run_dir: Path, method: Method) -> dict[str, Any]:
@@ -382,66 +296,16 @@ def mask_facts(run_dir: Path, method: Method) -> dict[str, Any]:
 # ---------------------------------------------------------------- results file
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    with tmp.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-class Results:
-    """The results file: one JSON object per line, rewritten atomically on every append."""
-
-    def __init__(self, path: Path, protocol: dict[str, Any]) -> None:
-        self.path = path
-        self.protocol = protocol
-        self.rows = read_jsonl(path) if path.is_file() else []
-
-    def mine(self) -> list[dict]:
-        return [row for row in self.rows if row.get("protocol") == self.protocol]
-
-    def append(self, row: dict) -> None:
-        self.rows.append({**row, "protocol": self.protocol})
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def find(self, **match: Any) -> list[dict]:
-        return [r for r in self.mine() if all(r.get(k) == v for k, v in match.items())]
+Results = Store  # the results file (axolotl_fish.compare.protocol.Store), keyed by settings
 
 
 # ---------------------------------------------------------------- the protocol's decisions
-
-LADDER_MANTISSAS = (1.0, 3.0)
-
-
-def ladder_step(lr: float, up: bool) -> float:
-    """The next value on the 1, 3, 10, 30, ... ladder above or below lr."""
-    exponent = math.floor(math.log10(lr) + 1e-9)
-    values = sorted(
-        m * 10.0**e for e in range(exponent - 2, exponent + 3) for m in LADDER_MANTISSAS
-    )
-    values = [float(f"{v:.3g}") for v in values]
-    return (
-        next(v for v in values if v > lr * 1.01) if up else [v for v in values if v < lr * 0.99][-1]
-    )
 
 
 def plateau_step(points: list[tuple[int, float]], tol: float) -> int:
     """The first checkpoint whose validation accuracy is within tol of the best one."""
     best = max(acc for _, acc in points)
     return next(step for step, acc in sorted(points) if acc >= best - tol)
-
-
-def choose_lr(grid: dict[float, float]) -> tuple[float, float | None]:
-    """(best LR, LR still to try or None): the best validation accuracy (ties: lower LR); while
-    it sits at an edge of the grid and beats its neighbour, one ladder step past that edge."""
-    lrs = sorted(grid)
-    best = max(lrs, key=lambda lr: (grid[lr], -lr))
-    if len(lrs) > 1 and best == lrs[0] and grid[best] > grid[lrs[1]]:
-        return best, ladder_step(best, up=False)
-    if len(lrs) > 1 and best == lrs[-1] and grid[best] > grid[lrs[-2]]:
-        return best, ladder_step(best, up=True)
-    return best, None
 
 
 class Protocol:
@@ -466,23 +330,16 @@ class Protocol:
     def chosen_lr(self, task: str, method: Method, steps: int) -> float | None:
         """The method's LR once its grid is complete (None while LRs remain to try)."""
         grid = self.grid(task, method, steps)
-        start = list(method.lrs or self.args.lrs)
-        if any(lr not in grid for lr in start):
+        if self.grid_lrs(task, method, steps):
             return None
-        best, more = choose_lr(grid)
-        if more is not None and self.args.lr_min <= more <= self.args.lr_max:
-            return None
-        return best
+        return choose_lr(grid)[0]
 
     def grid_lrs(self, task: str, method: Method, steps: int) -> list[float]:
         """The grid's LRs still to run: every missing starting LR (they can run at once), then
         one ladder step past an edge, once the grid so far is complete."""
-        grid = self.grid(task, method, steps)
-        missing = [lr for lr in (method.lrs or self.args.lrs) if lr not in grid]
-        if missing:
-            return missing
-        _, more = choose_lr(grid)
-        return [more] if more is not None and self.args.lr_min <= more <= self.args.lr_max else []
+        start = list(method.lrs or self.args.lrs)
+        bounds = (self.args.lr_min, self.args.lr_max)
+        return lrs_to_run(self.grid(task, method, steps), start, bounds)
 
     @property
     def main_tier(self) -> int:
@@ -749,21 +606,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", nargs="+", help="only these methods (names as in the report); dense r first"
     )
     parser.add_argument("--work", type=Path, default=Path("outputs/quality_protocol"))
-    parser.add_argument("--results", type=Path, default=Path("docs/quality_protocol.jsonl"))
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="results file (default: docs/quality_protocol.jsonl for the built-in tasks, "
+        "outputs/quality_own/<task>/quality_protocol.jsonl for --data)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="report folder (default: docs, or the --results folder for --data)"
+    )
     parser.add_argument("--report", action="store_true", help="no training: rebuild the report")
     parser.add_argument(
         "--plan", action="store_true", help="no training: list the runs that can start now"
     )
     args = parser.parse_args(argv)
     if args.data is not None:
-        args.task_names = [args.data.stem if args.data.stem != "train" else args.data.parent.name]
+        # Keyed by the data's content: a file named like a built-in task (sentiment.jsonl) is
+        # never taken for it, and the project's docs/ are written only when asked.
+        args.task_names = [data_task_name(args.data, args.test)]
+        own = Path("outputs/quality_own") / args.task_names[0]
+        args.results = args.results or own / "quality_protocol.jsonl"
+        args.out = args.out or args.results.parent
     else:
         unknown = [t for t in args.tasks if t not in DEFAULT_TASKS]
         if unknown:
             parser.error(f"unknown task {unknown[0]!r}; built in: {', '.join(DEFAULT_TASKS)}")
         args.task_names = args.tasks
+        args.results = args.results or Path("docs/quality_protocol.jsonl")
+        args.out = args.out or Path("docs")
     return args
+
+
+def data_task_name(data: Path, test: Path | None) -> str:
+    """`data-<hash>`: the task of your own data, named by the content of its files."""
+    digest = hashlib.sha256(data.read_bytes())
+    if test is not None:
+        digest.update(test.read_bytes())
+    return f"data-{digest.hexdigest()[:12]}"
 
 
 def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quality_stats import Difference
+from axolotl_fish.compare.stats import Difference
 
 DENSE = {"keep_ratio": 1.0, "strategy": "random"}
 ADAPTER_SIZE = 16  # the paper's Adapter rows: dense size s vs 2s masked to s

@@ -1,7 +1,7 @@
 """docs/quality.md and its plots, rebuilt from the protocol's results file.
 
 Every cell the protocol will fill but has not yet is written "not run yet"; a claim is worded
-only as its paired intervals allow (quality_stats.Difference.claim).
+only as its paired intervals allow (axolotl_fish.compare.stats.Difference.claim).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from quality_methods import LR_WARMUP_STEPS, Method, comparisons, default_questions
-from quality_stats import MIN_SEEDS_FOR_CLAIM, Difference, paired_bootstrap
+
+from axolotl_fish.compare.stats import MIN_SEEDS_FOR_CLAIM, Difference, paired_bootstrap
 
 NOT_RUN = "not run yet"
 

@@ -27,10 +27,10 @@ FLOORS: dict[str, int] = {
     "distributed": 5,
     "integration": 6,
     "compare": 7,
-    "cli": 7,
     "demo": 7,
-    "__init__": 8,
-    "__main__": 8,
+    "cli": 8,  # registers the compare room's command
+    "__init__": 9,
+    "__main__": 9,
 }
 AXOLOTL_FLOOR = FLOORS["integration"]
 

@@ -1,7 +1,7 @@
 """The quality protocol's claim words and its pre-registered rule for the defaults.
 
 What docs/quality.md and the README may claim, and which plugin default the evidence moves, is
-decided by `benchmarks/quality_stats.py` and `DefaultQuestion.decide` in
+decided by `axolotl_fish/compare/stats.py` and `DefaultQuestion.decide` in
 `benchmarks/quality_methods.py`; a slip there would publish a claim the intervals do not allow.
 """
 
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from benchmark_modules import benchmarks_importable
 
+from axolotl_fish.compare.stats import Difference, paired_bootstrap
+
 
 @pytest.fixture(scope="module")
 def rule() -> tuple:
     with benchmarks_importable():
         from quality_methods import default_questions
-        from quality_stats import Difference, paired_bootstrap
     return Difference, paired_bootstrap, default_questions
 
 

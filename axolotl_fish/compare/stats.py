@@ -1,8 +1,9 @@
-"""Paired bootstrap intervals for accuracy differences, and the words a claim may use.
+"""Paired bootstrap intervals for metric differences, and the words a claim may use.
 
 Two methods are compared on the same test rows and the same seeds (a seed fixes the adapter's
 initialisation and the data order, so seed s of one method is paired with seed s of the other).
-The difference is mean over seeds of (accuracy A - accuracy B). Its 95% interval comes from a
+The difference is mean over seeds of (value A - value B), per-row values oriented so that higher
+is better (0/1 correctness; a loss enters negated). Its 95% interval comes from a
 two-level paired bootstrap: draw the seeds with replacement, then the test rows with replacement,
 the same draws for both methods, so the interval carries both seed-to-seed and test-sampling
 noise. With one seed only the rows are drawn (and the claim says so).
@@ -11,6 +12,8 @@ With 3 seeds the seed level of that bootstrap can only draw 10 different sets of
 interval comes out narrower than the seed-to-seed spread warrants. So a claim also needs the
 Student-t 95% interval over the per-seed differences (the seed as the unit, n - 1 degrees of
 freedom) to allow it: the stricter of the two decides.
+
+Needs numpy and scipy only (the benchmark scripts import it as well).
 """
 
 from __future__ import annotations
@@ -46,9 +49,19 @@ class Difference:
         """Every planned seed (at least MIN_SEEDS_FOR_CLAIM) is in."""
         return self.seeds >= max(planned, MIN_SEEDS_FOR_CLAIM)
 
-    def claim(self, a: str, b: str, margin: float, planned: int = MIN_SEEDS_FOR_CLAIM) -> str:
+    def claim(
+        self,
+        a: str,
+        b: str,
+        margin: float,
+        planned: int = MIN_SEEDS_FOR_CLAIM,
+        unit: str = "point",
+        scale: float = 100.0,
+    ) -> str:
         """What both intervals allow one to say about A against B, once every planned seed
-        (at least MIN_SEEDS_FOR_CLAIM) is in: no claim is read off a partial set of seeds."""
+        (at least MIN_SEEDS_FOR_CLAIM) is in: no claim is read off a partial set of seeds.
+        `margin` is in the metric's own units; "matches" is written as scale * margin `unit`s
+        (accuracy: points of 100; a loss: nats, scale 1)."""
         if not self.complete(planned):
             return f"no claim yet ({self.seeds} of {max(planned, MIN_SEEDS_FOR_CLAIM)} seeds)"
         if self.beats:
@@ -57,22 +70,31 @@ class Difference:
             return f"{a} is worse than {b}"
         low, high = min(self.low, self.t_low), max(self.high, self.t_high)
         if -margin <= low and high <= margin:
-            points = 100 * margin
-            return f"{a} matches {b} within {points:g} point{'' if points == 1 else 's'}"
+            amount = scale * margin
+            return f"{a} matches {b} within {amount:g} {unit}{'' if amount == 1 else 's'}"
         intervals = {"bootstrap": (self.low, self.high), "t": (self.t_low, self.t_high)}
         spanning = [name for name, (lo, hi) in intervals.items() if lo <= 0 <= hi]
         return f"no difference shown ({' and '.join(spanning)} interval(s) span 0)"
 
     def __str__(self) -> str:
-        text = f"{100 * self.mean:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+        return self.format(100.0, ".1f")
+
+    def format(self, scale: float, spec: str) -> str:
+        """`mean [bootstrap], t [t interval]`, each value times `scale` in format `spec`."""
+
+        def value(x: float) -> str:
+            return f"{scale * x:+{spec}}"
+
+        text = f"{value(self.mean)} [{value(self.low)}, {value(self.high)}]"
         if self.seeds > 1:
-            text += f", t [{100 * self.t_low:+.1f}, {100 * self.t_high:+.1f}]"
+            text += f", t [{value(self.t_low)}, {value(self.t_high)}]"
         return text
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int = 4000, seed: int = 0) -> Difference:
-    """a, b: [seeds, rows] 0/1 correctness of two methods on the same rows, seeds in the same
-    order. Returns the mean difference and its 95% percentile interval."""
+    """a, b: [seeds, rows] per-row values of two methods on the same rows (0/1 correctness, or a
+    negated loss), seeds in the same order. Returns the mean difference and its 95% percentile
+    interval."""
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(
             f"paired arrays must have the same [seeds, rows] shape: {a.shape}, {b.shape}"
