@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import axolotl.utils.environment
 import axolotl.utils.trainer
 import pytest
 import torch
@@ -30,8 +31,10 @@ def test_gpu_peer_check_of_a_cuda_torch_without_driver_is_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", _no_driver)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    check = "check_cuda_p2p_ib_support"
-    monkeypatch.setattr(axolotl.utils.trainer, check, getattr(axolotl.utils.trainer, check))
+    # Axolotl's own check (an earlier register() in this process may have replaced it), restored
+    # after the test.
+    original = axolotl.utils.environment.check_cuda_p2p_ib_support
+    monkeypatch.setattr(axolotl.utils.trainer, "check_cuda_p2p_ib_support", original)
     with pytest.raises(RuntimeError, match="no NVIDIA driver"):
         axolotl.utils.trainer.check_cuda_p2p_ib_support()
     FishMaskPlugin().register({"fish_mask": {"keep_ratio": 0.5}})
