@@ -26,7 +26,11 @@ from axolotl_fish.integration import bottleneck
 from axolotl_fish.integration.args import LORA_KERNEL_KEYS
 from axolotl_fish.integration.core_logs import show_core_logs
 from axolotl_fish.integration.deepspeed import mask_callback, whole_for_scoring
-from axolotl_fish.integration.multiprocess import check_every_process_is_a_rank, cpu_device_map
+from axolotl_fish.integration.multiprocess import (
+    check_every_process_is_a_rank,
+    cpu_device_map,
+    skip_gpu_peer_check,
+)
 from axolotl_fish.integration.scoring_device import (
     on_training_device,
     scores_after_sharding,
@@ -78,6 +82,7 @@ class FishMaskPlugin(BasePlugin):
             )
         if cfg.get("fish_mask") is None:
             return
+        skip_gpu_peer_check()  # register() runs before Axolotl's check, in every process
         if cfg.get("adapter") not in ("lora", "qlora"):  # Axolotl turns its kernels on for these
             return
         unset = [key for key in LORA_KERNEL_KEYS if cfg.get(key) is None]

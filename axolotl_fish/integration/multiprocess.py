@@ -1,16 +1,36 @@
-"""Multi-process launches (torchrun, `accelerate launch --multi_gpu`) that Axolotl 0.19 gets wrong
-on a machine without an accelerator: the model loader's device map and unsharded processes."""
+"""Multi-process launches (torchrun, `accelerate launch --multi_gpu`) that Axolotl (0.19 to 0.21)
+gets wrong on a machine without an accelerator: its GPU peer check, the model loader's device map
+and unsharded processes."""
 
 from __future__ import annotations
 
 import os
 
+import axolotl.utils.trainer
 import torch
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 from transformers import Trainer
 
 LOG = get_logger(__name__)
+
+
+def skip_gpu_peer_check() -> None:
+    """Let a multi-process run start without an accelerator under a CUDA build of torch.
+
+    Before the model loads, Axolotl asks torch whether GPU pairs reach each other
+    (`axolotl.utils.trainer.check_cuda_p2p_ib_support`, to decide on NCCL_P2P_DISABLE). A CPU
+    build of torch raises AssertionError there, which Axolotl takes as "cannot check"; a CUDA
+    build on a machine without an NVIDIA driver (PyPI's Linux wheels, the only ones for Python
+    3.12) raises RuntimeError, which stops every rank. Without an accelerator there are no GPU
+    peers and no NCCL: the check is replaced by one that reports nothing to disable.
+    """
+    if not torch.accelerator.is_available():
+        axolotl.utils.trainer.check_cuda_p2p_ib_support = _no_gpu_peers_to_check
+
+
+def _no_gpu_peers_to_check() -> bool:
+    return True
 
 
 def cpu_device_map(cfg: DictDefault) -> None:
