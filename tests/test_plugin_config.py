@@ -107,7 +107,19 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ),
         (
             {"adapter": None, "deepspeed": {"zero_optimization": {"stage": 3}}},
-            "ZeRO-3 supports adapters .LoRA, DoRA, bottleneck. only",
+            "ZeRO-3 supports LoRA adapters only",
+        ),
+        (
+            {"peft_use_dora": True, "deepspeed": {"zero_optimization": {"stage": 2}}},
+            "peft_use_dora: true has not been run under DeepSpeed yet",
+        ),
+        (
+            {"adapter": "bottleneck", "deepspeed": {"zero_optimization": {"stage": 2}}},
+            "adapter: bottleneck has not been run under DeepSpeed yet",
+        ),
+        (
+            {**QLORA, "deepspeed": {"zero_optimization": {"stage": 2}}},
+            "adapter: qlora has not been run under DeepSpeed yet",
         ),
         ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),
         ({"fsdp_config": {"reshard_after_forward": True}}, "FSDP1 flattens each wrapped module"),

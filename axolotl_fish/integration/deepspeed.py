@@ -37,7 +37,14 @@ def check_deepspeed(data: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"deepspeed: cannot read the DeepSpeed config {value!r}: {err}"
             ) from err
-    _deepspeed_module().check_deepspeed_config(config, full_parameter=data.get("adapter") is None)
+    adapter = data.get("adapter")
+    untested = "peft_use_dora: true" if data.get("peft_use_dora") else f"adapter: {adapter}"
+    if adapter not in (None, "lora") or data.get("peft_use_dora"):
+        raise ValueError(
+            f"fish_mask under deepspeed: {untested} has not been run under DeepSpeed yet (LoRA "
+            f"and full-parameter mode have): train it with DDP or FSDP2, or use `adapter: lora`."
+        )
+    _deepspeed_module().check_deepspeed_config(config, full_parameter=adapter is None)
 
 
 @contextmanager
