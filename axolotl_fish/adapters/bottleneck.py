@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from axolotl_fish.base.atomic import write_atomically
 from axolotl_fish.base.sharded import full_tensor
 
 LOG = logging.getLogger(__name__)
@@ -178,8 +179,8 @@ def save_bottleneck(
         tensors = gathered_bottleneck(model)
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     config = {"bottleneck": settings, "base_model_name_or_path": name}
-    _write_atomically(folder / ADAPTER_FILENAME, lambda tmp: save_file(tensors, tmp))
-    _write_atomically(
+    write_atomically(folder / ADAPTER_FILENAME, lambda tmp: save_file(tensors, tmp))
+    write_atomically(
         folder / CONFIG_FILENAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n")
     )
     return folder
@@ -303,15 +304,3 @@ def _child(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return next(
         (getattr(layer, n) for n in names if isinstance(getattr(layer, n, None), nn.Module)), None
     )
-
-
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write` to a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
