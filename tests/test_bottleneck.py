@@ -93,7 +93,7 @@ def test_loader_reproduces_the_trained_model(tmp_path):
     assert saved["bottleneck"] == config.model_dump()
     loaded = load_bottleneck(tiny_base_model("llama"), tmp_path)
     torch.testing.assert_close(logits(loaded, batch), logits(trained, batch), rtol=0, atol=0)
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_loader_refuses_what_does_not_fit(tmp_path):

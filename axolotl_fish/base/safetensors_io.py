@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from axolotl_fish.base.atomic import write_atomically
+
 
 def resolve(path: str | os.PathLike[str], filename: str) -> Path:
     """`path` itself, or `path/filename` when `path` is a folder."""
@@ -31,15 +33,9 @@ def save_atomically(
     tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]
 ) -> Path:
     """Write `tensors` with `metadata` to `path` atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(
+        path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata))
+    )
 
 
 def read(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
