@@ -107,7 +107,7 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
         ),
         (
             {"adapter": None, "deepspeed": {"zero_optimization": {"stage": 3}}},
-            "ZeRO-3 supports LoRA adapters only",
+            "ZeRO-3 supports adapters .LoRA. only",
         ),
         (
             {"peft_use_dora": True, "deepspeed": {"zero_optimization": {"stage": 2}}},

@@ -87,7 +87,7 @@ def check_deepspeed_config(config: Mapping[str, Any], *, full_parameter: bool) -
         )
     if stage == 3 and full_parameter:
         raise ValueError(
-            "fish_mask under deepspeed ZeRO-3 supports LoRA adapters only; "
+            "fish_mask under deepspeed ZeRO-3 supports adapters (LoRA) only; "
             "full-parameter mode: use zero_optimization.stage 1 or 2."
         )
     return stage
