@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes (gloo) through the real `axolotl train` CLI,
-with Axolotl's own `deepspeed_configs/zero2.json` (CPU optimizer offload) and `zero3_bf16.json`.
+"""DeepSpeed ZeRO-1, 2 and 3 on two CPU processes (gloo) through the real `axolotl train` CLI,
+with Axolotl's own `deepspeed_configs/zero1.json`, `zero2.json` (CPU optimizer offload) and
+`zero3_bf16.json`: LoRA at ZeRO-2 and ZeRO-3, DoRA at ZeRO-1, Adapter-FISH (bottleneck) at ZeRO-2.
 
 accelerate turns DeepSpeed on only off CPU; the test-only `tests/deepspeed_cpu_shim` (a
 `sitecustomize` on the launched processes' PYTHONPATH) lets it take its DeepSpeed path on CPU
@@ -22,8 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 from axolotl_run import (
+    bottleneck_file,
     held_digests,
+    initial_bottleneck,
     load_adapter_tensors,
+    moved_entries,
     run_axolotl_train,
     two_process_launch,
     write_config,
@@ -43,7 +47,22 @@ AUTO = {
     "train_micro_batch_size_per_gpu": "auto",
     "wall_clock_breakdown": False,
 }
-# Axolotl's deepspeed_configs/zero2.json and zero3_bf16.json (they have no optimizer section).
+FP16 = {
+    "enabled": "auto",
+    "auto_cast": False,
+    "loss_scale": 0,
+    "initial_scale_power": 32,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+# Axolotl's deepspeed_configs/zero1.json, zero2.json and zero3_bf16.json (no optimizer section).
+ZERO1 = {
+    "zero_optimization": {"stage": 1, "overlap_comm": True},
+    "bf16": {"enabled": "auto"},
+    "fp16": FP16,
+    **AUTO,
+}
 ZERO2 = {
     "zero_optimization": {
         "stage": 2,
@@ -52,15 +71,7 @@ ZERO2 = {
         "overlap_comm": True,
     },
     "bf16": {"enabled": "auto"},
-    "fp16": {
-        "enabled": "auto",
-        "auto_cast": False,
-        "loss_scale": 0,
-        "initial_scale_power": 32,
-        "loss_scale_window": 1000,
-        "hysteresis": 2,
-        "min_loss_scale": 1,
-    },
+    "fp16": FP16,
     **AUTO,
     "zero_force_ds_cpu_optimizer": False,  # added: a torch AdamW on CPU, no C++ build
 }
@@ -82,7 +93,7 @@ ZERO3_BF16 = {
     "bf16": {"enabled": True},
     **AUTO,
 }
-STAGES = {2: (ZERO2, {}), 3: (ZERO3_BF16, {"bf16": True})}
+STAGES = {1: (ZERO1, {}), 2: (ZERO2, {}), 3: (ZERO3_BF16, {"bf16": True})}
 # Weight decay, clipping and accumulation: the settings under which masked entries could move.
 # Data in file order, so the two ranks' examples are one process's. k is below the lora_B count:
 # lora_A scores are exactly 0 at initialisation, so masked lora_B entries must stay exactly 0.
@@ -151,23 +162,41 @@ def rank_files(checkpoint: Path) -> dict[str, Path]:
     return {path.name: path for path in tag.iterdir()}
 
 
+def assert_ran_deepspeed(checkpoint: Path, stage: int) -> None:
+    """DeepSpeed at `stage` over two ranks wrote `checkpoint`: each rank's optimizer state holds
+    the stage and a partition count of 2; under ZeRO-3 each rank also saved its model slice."""
+    files = rank_files(checkpoint)
+    prefix = "bf16_" if stage == 3 else ""  # DeepSpeed names bf16 optimizer states so
+    for rank in (0, 1):
+        optim = files[f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+        state = torch.load(optim, weights_only=False)["optimizer_state_dict"]
+        assert state["zero_stage"] == stage, checkpoint
+        count = state["partition_count"]  # a list of one per group under ZeRO-1/2
+        assert set(count if isinstance(count, list) else [count]) == {2}, checkpoint
+    partitioned = {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}
+    assert partitioned <= set(files) if stage == 3 else "mp_rank_00_model_states.pt" in files
+
+
+def fp32_masters(checkpoint: Path, keys) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 masters in `checkpoint`, gathered (`zero_to_fp32`), for the mask's
+    `keys` (PEFT's names lose the adapter name; a DoRA magnitude's also its `.weight`)."""
+    masters = deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    named = {}
+    for name, tensor in masters.items():
+        key = name.replace(".default", "")
+        key = key if key in keys else key.removesuffix(".weight")
+        if key in keys:
+            named[key] = tensor
+    return named
+
+
 def test_each_run_ran_deepspeed_at_its_stage_on_two_ranks(runs):
     stage, out, _, resumed_out, _ = runs
-    prefix = "bf16_" if stage == 3 else ""  # DeepSpeed names bf16 optimizer states so
     checkpoints = [out / "checkpoint-2", out / "checkpoint-4"]
     if resumed_out is not None:
         checkpoints.append(resumed_out / "checkpoint-4")
     for checkpoint in checkpoints:
-        files = rank_files(checkpoint)
-        for rank in (0, 1):
-            optim = files[f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
-            state = torch.load(optim, weights_only=False)["optimizer_state_dict"]
-            assert state["zero_stage"] == stage, checkpoint
-            count = state["partition_count"]  # a list of one per group under ZeRO-1/2
-            assert set(count if isinstance(count, list) else [count]) == {2}, checkpoint
-        # ZeRO-3 partitions the parameters: each rank saves its own slice of the model.
-        partitioned = {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}
-        assert partitioned <= set(files) if stage == 3 else "mp_rank_00_model_states.pt" in files
+        assert_ran_deepspeed(checkpoint, stage)
 
 
 def test_every_rank_holds_one_mask_and_the_resume_keeps_it(runs):
@@ -193,12 +222,7 @@ def test_masked_entries_unchanged_in_every_checkpoint_masters_and_final_adapter(
     saved = {name: load_adapter_tensors(out / name) for name in ("checkpoint-2", "checkpoint-4")}
     saved["final"] = load_adapter_tensors(out)
     for name in ("checkpoint-2", "checkpoint-4"):  # DeepSpeed's fp32 masters, gathered
-        masters = deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
-            str(out / name)
-        )
-        saved[f"{name} fp32 masters"] = {
-            key.replace(".default", ""): t for key, t in masters.items() if "lora_" in key
-        }
+        saved[f"{name} fp32 masters"] = fp32_masters(out / name, mask.masks)
     for name, adapter in saved.items():
         # Under ZeRO-2 lora_A (no entry selected) stops requiring gradients and has no master;
         # under ZeRO-3 it keeps requiring them (frozen whole), or the Trainer's saves drop it.
@@ -223,3 +247,68 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ended(runs):
     assert set(final) == set(resumed)
     for key in final:
         assert torch.equal(final[key], resumed[key]), key
+
+
+# DoRA (magnitudes and factors) and Adapter-FISH (bottleneck, size 8 masked to size 4's entries)
+# at the stages they are supported at besides LoRA's: (stage, config keys).
+VARIANTS = {
+    "dora-zero1": (1, {"peft_use_dora": True}),
+    "bottleneck-zero2-offload": (
+        2,
+        {
+            "adapter": "bottleneck",
+            "bottleneck": {"size": 8, "nonlinearity": "gelu"},
+            "fish_mask": {"match_rank": 4, "num_samples": 16},
+        },
+    ),
+}
+HIDDEN, LAYERS = 64, 2  # the tiny models of axolotl_run
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant_run(request, tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
+    stage, overrides = VARIANTS[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    log = train(tmp, tiny_llama_dir, alpaca_jsonl, stage, **overrides)
+    return stage, overrides, tmp / "out", log
+
+
+def test_dora_and_bottleneck_train_exactly_k_entries_under_deepspeed(variant_run, tiny_llama_dir):
+    """Stage proven by the checkpoints, the same mask on both ranks and in every folder, exact k,
+    and every masked entry unchanged in the saved adapters and DeepSpeed's fp32 masters."""
+    stage, overrides, out, log = variant_run
+    for checkpoint in (out / "checkpoint-2", out / "checkpoint-4"):
+        assert_ran_deepspeed(checkpoint, stage)
+    mask = FishMask.load(out)
+    digest = mask_digest(mask.masks)
+    assert held_digests(log) == {"0": digest, "1": digest}
+    for folder in (out / "checkpoint-2", out / "checkpoint-4"):
+        assert mask_digest(FishMask.load(folder).masks) == digest, folder
+    bottleneck = overrides.get("adapter") == "bottleneck"
+    load = bottleneck_file if bottleneck else load_adapter_tensors
+    saved = {name: load(out / name) for name in ("checkpoint-2", "checkpoint-4")}
+    saved["final"] = load(out)
+    if bottleneck:
+        initial = initial_bottleneck(tiny_llama_dir, **overrides["bottleneck"])
+        assert mask.k == LAYERS * 2 * (4 * HIDDEN + 4 + HIDDEN * 4 + HIDDEN)  # dense size 4
+    else:
+        initial = None  # DoRA: lora_B starts at 0; the rest is compared with checkpoint-2
+        assert mask.k == round(0.3 * mask.total)
+        assert any("lora_magnitude_vector" in key for key, keep in mask.masks.items() if keep.any())
+    reference = saved["checkpoint-2"] if initial is None else initial
+    for name in ("checkpoint-2", "checkpoint-4"):
+        saved[f"{name} fp32 masters"] = fp32_masters(out / name, mask.masks)
+        assert saved[f"{name} fp32 masters"], name
+    for name, tensors in saved.items():
+        assert set(tensors) <= set(mask.masks), name
+        for key, tensor in tensors.items():
+            frozen = ~mask.masks[key]
+            if "lora_B" in key:
+                assert not tensor[frozen].any(), (name, key)
+            else:
+                assert torch.equal(tensor[frozen], reference[key][frozen].to(tensor.dtype)), (
+                    name,
+                    key,
+                )
+    moved = moved_entries(mask, saved["final"], reference)
+    assert moved > (0.5 * mask.k if initial is not None else 0), moved

@@ -110,16 +110,16 @@ def test_without_the_block_the_plugin_changes_nothing(make_cfg):
             "ZeRO-3 supports adapters .LoRA. only",
         ),
         (
-            {"peft_use_dora": True, "deepspeed": {"zero_optimization": {"stage": 2}}},
-            "peft_use_dora: true has not been run under DeepSpeed yet",
+            {"peft_use_dora": True, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "ZeRO-3: peft_use_dora: true has not been run there yet",
         ),
         (
-            {"adapter": "bottleneck", "deepspeed": {"zero_optimization": {"stage": 2}}},
-            "adapter: bottleneck has not been run under DeepSpeed yet",
+            {"adapter": "bottleneck", "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "ZeRO-3: adapter: bottleneck has not been run there yet",
         ),
         (
             {**QLORA, "deepspeed": {"zero_optimization": {"stage": 2}}},
-            "adapter: qlora has not been run under DeepSpeed yet",
+            "ZeRO-2: adapter: qlora has not been run there yet",
         ),
         ({"fsdp": ["full_shard"]}, "FSDP only as FSDP2: set `fsdp_version: 2` .got None"),
         ({"fsdp_config": {"reshard_after_forward": True}}, "FSDP1 flattens each wrapped module"),
@@ -188,3 +188,19 @@ def test_fsdp2_is_accepted(make_cfg, fsdp):
     cfg = validated(make_cfg(**fsdp))
     assert str(cfg.fsdp_version or cfg.fsdp_config.fsdp_version) == "2"
     assert cfg.fish_mask["keep_ratio"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"deepspeed": {"zero_optimization": {"stage": 3}}},  # LoRA
+        {"peft_use_dora": True, "deepspeed": {"zero_optimization": {"stage": 1}}},
+        {"adapter": "bottleneck", "deepspeed": {"zero_optimization": {"stage": 2}}},
+        {"adapter": None, "deepspeed": {"zero_optimization": {"stage": 2}}},
+    ],
+    ids=["lora-zero3", "dora-zero1", "bottleneck-zero2", "full-parameter-zero2"],
+)
+def test_tested_deepspeed_set_ups_are_accepted(make_cfg, settings):
+    pytest.importorskip("deepspeed", reason="the `deepspeed` extra")
+    cfg = validated(make_cfg(**settings))
+    assert cfg.deepspeed["zero_optimization"]["stage"] in (1, 2, 3)

@@ -38,13 +38,18 @@ def check_deepspeed(data: Mapping[str, Any]) -> None:
                 f"deepspeed: cannot read the DeepSpeed config {value!r}: {err}"
             ) from err
     adapter = data.get("adapter")
-    untested = "peft_use_dora: true" if data.get("peft_use_dora") else f"adapter: {adapter}"
-    if adapter not in (None, "lora") or data.get("peft_use_dora"):
+    stage = _deepspeed_module().check_deepspeed_config(config, full_parameter=adapter is None)
+    dora = bool(data.get("peft_use_dora"))
+    untested = adapter in ("qlora", "llama-adapter") or (
+        stage == 3 and (dora or adapter == "bottleneck")
+    )
+    if untested:
+        name = "peft_use_dora: true" if dora and adapter == "lora" else f"adapter: {adapter}"
         raise ValueError(
-            f"fish_mask under deepspeed: {untested} has not been run under DeepSpeed yet (LoRA "
-            f"and full-parameter mode have): train it with DDP or FSDP2, or use `adapter: lora`."
+            f"fish_mask under deepspeed ZeRO-{stage}: {name} has not been run there yet (tested: "
+            f"LoRA at ZeRO-1/2/3; DoRA, bottleneck and full-parameter mode at ZeRO-1/2): train it "
+            f"with DDP or FSDP2, or use `adapter: lora`."
         )
-    _deepspeed_module().check_deepspeed_config(config, full_parameter=adapter is None)
 
 
 @contextmanager
