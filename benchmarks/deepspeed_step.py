@@ -23,7 +23,8 @@ import deepspeed
 import deepspeed.ops
 import torch
 from common import TARGETS, machine, median, timed
-from real_shapes import SHAPES, random_batches, random_model
+from real_shapes import random_batches, random_model
+from shapes import SHAPES
 
 from axolotl_fish.adapters.tensors import adapter_parameters
 from axolotl_fish.distributed.deepspeed import DeepSpeedFishMaskCallback

@@ -33,36 +33,9 @@ import types
 from pathlib import Path
 
 import torch
+from shapes import SHAPES
 from torch import nn
 
-SHAPES: dict[str, dict[str, int | bool]] = {
-    "tiny": {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "qwen2.5-0.5b": {
-        "vocab_size": 151936,
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-    },
-    "qwen2.5-1.5b": {
-        "vocab_size": 151936,
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-    },
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["plain", "masked", "per_tensor"]
 
@@ -86,7 +59,7 @@ def lora_model(shape: str, device: str) -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model("qwen2", **SHAPES[shape]), dtype=torch.bfloat16
+            AutoConfig.for_model(SHAPES[shape][0], **SHAPES[shape][1]), dtype=torch.bfloat16
         )
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     with torch.no_grad():
@@ -172,7 +145,7 @@ def kernels_per_step(variant: Variant, batch: dict[str, torch.Tensor]) -> int:
 
 
 def measure(args: argparse.Namespace, shape: str) -> dict[str, object]:
-    vocab = int(SHAPES[shape]["vocab_size"])
+    vocab = int(SHAPES[shape][1]["vocab_size"])
     ids = torch.randint(
         vocab, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(0)
     )

@@ -344,17 +344,28 @@ def cost_section(rows: list[dict], protocol: Any, table: list[Method]) -> list[s
         f"{measure['tokens']['p95']} (sequence_len {args.sequence_len}: nothing truncated"
         + ("" if measure["tokens"]["max"] <= args.sequence_len else " - NO, rows are dropped")
         + ").",
+        projection(runs_left, remaining, rows_left, measure, args.curve_steps),
+        "",
+    ]
+    return lines
+
+
+def projection(
+    runs_left: int, remaining: float, rows_left: int, measure: dict, curve_steps: int
+) -> str:
+    """What is left to run, at the measured speeds; a finished protocol says so."""
+    if runs_left == 0 and rows_left == 0:
+        return "Nothing left to run: every training and scoring the protocol plans is recorded."
+    return (
         f"Projection at these speeds: about {runs_left} trainings left, about "
         f"{remaining / 3600:.1f} h of `axolotl train`, plus about "
         f"{rows_left / measure['val_rows_per_second'] / 3600:.1f} h of scoring "
         f"({rows_left:,} rows); grids counted at their starting LRs (edge extensions come on "
         "top); where the curve has not chosen S yet, S is taken as half of --curve-steps "
-        f"= {args.curve_steps // 2}. That is one training at a time; two at once with one "
+        f"= {curve_steps // 2}. That is one training at a time; two at once with one "
         "thread each (`--workers 2 --threads 1`) measured 1.22x the throughput of one with two "
-        "threads (docs/benchmarks.md).",
-        "",
-    ]
-    return lines
+        "threads (docs/benchmarks.md)."
+    )
 
 
 def plot_curves(rows: list[dict], out: Path) -> None:

@@ -52,6 +52,7 @@ from common import (
     timed,
 )
 from peft.tuners.lora import LoraLayer
+from shapes import SHAPES
 from torch import nn
 
 from axolotl_fish.adapters.tensors import adapter_parameters, model_parameters
@@ -61,44 +62,6 @@ from axolotl_fish.fisher.scores import fisher_scores
 from axolotl_fish.masks.selection import select_top_k
 
 Batch = dict[str, torch.Tensor]
-
-# transformers model type and sizes of each shape (the published configurations' sizes).
-SHAPES: dict[str, tuple[str, dict[str, int | bool]]] = {
-    "tiny": (
-        "llama",
-        {
-            "vocab_size": 512,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-    ),
-    "qwen2.5-0.5b": (
-        "qwen2",
-        {
-            "vocab_size": 151936,
-            "hidden_size": 896,
-            "intermediate_size": 4864,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 14,
-            "num_key_value_heads": 2,
-            "tie_word_embeddings": True,
-        },
-    ),
-    "llama-2-7b": (
-        "llama",
-        {
-            "vocab_size": 32000,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-        },
-    ),
-}
 
 
 def random_model(shape: str, device: str) -> nn.Module:

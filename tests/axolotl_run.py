@@ -223,6 +223,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_shim_env(shim: str, flag: str) -> dict[str, str]:
+    """What a 2-process ``axolotl train`` needs to take its GPU-only sharded path on CPU: gloo
+    processes (ACCELERATE_USE_CPU), the test-only ``sitecustomize`` in ``tests/<shim>`` on their
+    PYTHONPATH, and the variable ``flag`` that turns that shim on."""
+    folder = str(Path(__file__).parent / shim)
+    path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    return {"ACCELERATE_USE_CPU": "1", flag: "1", "PYTHONPATH": path}
+
+
 def two_process_launch() -> tuple[str, ...]:
     """``axolotl train`` arguments that start 2 processes through ``accelerate launch``, meeting on
     a free port: tests run side by side (``pytest -n``) would otherwise all meet on 29500."""
@@ -339,6 +348,17 @@ def train_in_process(config_path: Path) -> None:
         manager = PluginManager.get_instance()
         manager.plugins.clear()
         manager.cfg = None
+
+
+def resume_from_copy(out: Path, tmp_path: Path) -> Path:
+    """``tmp_path/out`` holding a copy of ``out/checkpoint-2`` only: a run there with
+    ``auto_resume_from_checkpoints`` resumes from it as if it had been stopped after step 2."""
+    import shutil
+
+    resumed_out = tmp_path / "out"
+    resumed_out.mkdir()
+    shutil.copytree(Path(out) / "checkpoint-2", resumed_out / "checkpoint-2")
+    return resumed_out
 
 
 def held_digests(log: str) -> dict[str, str]:

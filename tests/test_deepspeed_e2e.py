@@ -17,13 +17,13 @@ The ZeRO-2 run is resumed; the ZeRO-3 one cannot be (see `RESUMED_STAGES`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from axolotl_run import (
     bottleneck_file,
+    cpu_shim_env,
     held_digests,
     initial_bottleneck,
     load_adapter_tensors,
@@ -39,7 +39,6 @@ from axolotl_fish.masks.file import FishMask
 pytestmark = pytest.mark.e2e
 deepspeed = pytest.importorskip("deepspeed", reason="the `deepspeed` extra")
 
-SHIM = Path(__file__).parent / "deepspeed_cpu_shim"
 AUTO = {
     "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
@@ -112,12 +111,6 @@ TRAINING = {
 }
 
 
-def deepspeed_on_cpu() -> dict[str, str]:
-    """What `axolotl train` needs on CPU: gloo processes (ACCELERATE_USE_CPU) plus the shim."""
-    path = os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH")) if p)
-    return {"ACCELERATE_USE_CPU": "1", "FISH_TEST_DEEPSPEED_ON_CPU": "1", "PYTHONPATH": path}
-
-
 def train(tmp: Path, base: Path, data: Path, stage: int, **overrides) -> str:
     ds_config, settings = STAGES[stage]
     ds_path = tmp / "deepspeed.json"
@@ -125,7 +118,11 @@ def train(tmp: Path, base: Path, data: Path, stage: int, **overrides) -> str:
     settings = {**TRAINING, **settings, "deepspeed": str(ds_path), **overrides}
     config = write_config(tmp, base, data, **settings)
     return run_axolotl_train(
-        config, cwd=tmp, cli_args=two_process_launch(), env=deepspeed_on_cpu(), timeout=600
+        config,
+        cwd=tmp,
+        cli_args=two_process_launch(),
+        env=cpu_shim_env("deepspeed_cpu_shim", "FISH_TEST_DEEPSPEED_ON_CPU"),
+        timeout=600,
     ).stdout
 
 

@@ -3,8 +3,6 @@ Adapter-FISH) and Axolotl's built-in `llama-adapter`, through the real CLI in a 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from axolotl_run import (
@@ -14,6 +12,7 @@ from axolotl_run import (
     initial_bottleneck,
     load_adapter_tensors,
     moved_entries,
+    resume_from_copy,
     run_axolotl_train,
     write_config,
 )
@@ -103,9 +102,7 @@ def test_bottleneck_resume_keeps_mask_and_continues_the_run(
     bottleneck_run, tmp_path, tiny_llama_dir, alpaca_jsonl
 ):
     out, _ = bottleneck_run
-    resumed_out = tmp_path / "out"
-    resumed_out.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
+    resumed_out = resume_from_copy(out, tmp_path)
     # Another strategy and seed: a recomputed mask would differ, the checkpoint's must win.
     other = {"match_rank": 4, "strategy": "random", "seed": 7}
     config = bottleneck_config(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from axolotl_run import load_adapter_tensors, run_axolotl_train, write_config
+from axolotl_run import load_adapter_tensors, resume_from_copy, run_axolotl_train, write_config
 from hub_cache import cache_file
 
 from axolotl_fish.masks.file import MASK_FILENAME, FishMask
@@ -73,9 +71,7 @@ def test_masked_entries_never_move(fish_run):
 
 def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl):
     out, _ = fish_run
-    resumed_out = tmp_path / "out"
-    resumed_out.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
+    resumed_out = resume_from_copy(out, tmp_path)
     # Another seed and strategy: a recomputed mask would differ, the checkpoint's must win.
     config = write_config(
         tmp_path,

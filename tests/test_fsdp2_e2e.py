@@ -10,7 +10,6 @@ written by both ranks, which is also how the tests see that the run really shard
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import yaml
 from axolotl_run import (
     assert_masked_entries_equal,
     bottleneck_file,
+    cpu_shim_env,
     held_digests,
     initial_bottleneck,
     load_adapter_tensors,
@@ -39,7 +39,6 @@ from axolotl_fish.training.sparse import VALUES_SUFFIX
 
 pytestmark = pytest.mark.e2e
 
-SHIM = Path(__file__).parent / "fsdp_cpu_shim"
 RANK_FILES = {"__0_0.distcp", "__1_0.distcp"}
 FSDP2 = {
     "fsdp_version": 2,
@@ -73,15 +72,12 @@ LORA = {
 }
 
 
-def fsdp2_on_cpu() -> dict[str, str]:
-    """What `axolotl train` needs on CPU: gloo processes (ACCELERATE_USE_CPU) plus the shim."""
-    path = os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH")) if p)
-    return {"ACCELERATE_USE_CPU": "1", "FISH_TEST_FSDP_ON_CPU": "1", "PYTHONPATH": path}
-
-
 def train_fsdp2(config: Path) -> str:
     return run_axolotl_train(
-        config, cwd=config.parent, cli_args=two_process_launch(), env=fsdp2_on_cpu()
+        config,
+        cwd=config.parent,
+        cli_args=two_process_launch(),
+        env=cpu_shim_env("fsdp_cpu_shim", "FISH_TEST_FSDP_ON_CPU"),
     ).stdout
 
 

@@ -10,13 +10,13 @@ on CPU at validation (`tests/test_plugin_config.py`): Axolotl loads it onto an a
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 import torch
 from axolotl_run import (
     held_digests,
     load_adapter_tensors,
+    resume_from_copy,
     run_axolotl_train,
     two_process_launch,
     write_config,
@@ -89,9 +89,7 @@ def test_masked_entries_never_move(qlora_run):
 def test_resume_keeps_the_checkpoint_mask(qlora_run, tmp_path, tiny_llama_dir, alpaca_jsonl):
     """Another strategy and seed in the config: a recomputed mask would differ."""
     out, _ = qlora_run
-    resumed_out = tmp_path / "out"
-    resumed_out.mkdir()
-    shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
+    resumed_out = resume_from_copy(out, tmp_path)
     config = write_config(
         tmp_path,
         tiny_llama_dir,
