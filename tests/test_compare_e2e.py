@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from axolotl_run import OFFLINE_ENV, alpaca_rows, write_config
+from axolotl_run import OFFLINE_ENV, alpaca_rows, held_digests, two_process_launch, write_config
 
 from axolotl_fish.masks.file import FishMask
 
@@ -44,16 +44,16 @@ def command(project: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def comparison(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict:
-    project = tmp_path_factory.mktemp("project")
+def make_project(project: Path, base: Path) -> Path:
+    """A user's folder: a config training a LoRA r=RANK on data.jsonl, and a disjoint test.jsonl."""
+    project.mkdir(exist_ok=True)
     train = alpaca_rows(64, seed=0)
     test = [row for row in alpaca_rows(80, seed=9) if row not in train][:24]
     (project / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (project / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     write_config(
         project,
-        tiny_llama_dir,
+        base,
         Path("data.jsonl"),
         lora_r=RANK,
         lora_alpha=2 * RANK,
@@ -61,6 +61,12 @@ def comparison(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -
         plugins=["axolotl_fish.FishMaskPlugin"],
         fish_mask={"keep_ratio": 0.5, "num_samples": 8},
     )
+    return project
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict:
+    project = make_project(tmp_path_factory.mktemp("project"), tiny_llama_dir)
     out = project / "cmp"
     before = snapshot(project, out) | snapshot(tiny_llama_dir, out)
     env = {**os.environ, **OFFLINE_ENV}
@@ -133,3 +139,27 @@ def test_nothing_is_written_outside_the_output_folder(comparison: dict) -> None:
     assert comparison["after"] == comparison["before"]
     out = comparison["out"]
     assert (out / "compare.md").is_file() and (out / "compare.png").is_file()
+
+
+def test_launcher_arguments_reach_every_training(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Arguments after `--` are the user's launcher: every arm trains on 2 processes (DDP on CPU),
+    each rank holding the same mask, and the arms still train exactly equal entries."""
+    project = make_project(tmp_path / "project", tiny_llama_dir)
+    out = project / "cmp"
+    result = subprocess.run(
+        [*command(project, out), "--", *two_process_launch()],
+        cwd=project,
+        env={**os.environ, **OFFLINE_ENV, "ACCELERATE_USE_CPU": "1"},
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "each run: axolotl train CONFIG --launcher accelerate -- --multi_gpu" in result.stdout
+    logs = sorted(out.rglob("train.log"))
+    assert len(logs) == 3  # one grid run per arm; seed 0's test score is the grid run's
+    for log in logs:
+        digests = held_digests(log.read_text())
+        assert set(digests) == {"0", "1"} and len(set(digests.values())) == 1, log
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len({r["k"] for r in rows}) == 1 and len({r["arm"] for r in rows}) == 3

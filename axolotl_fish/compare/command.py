@@ -32,6 +32,7 @@ def check_out(out: Path) -> None:
 
 @click.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 @click.option(
     "--test",
     "test_file",
@@ -67,6 +68,7 @@ def check_out(out: Path) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the runs and a time estimate; train nothing.")
 def compare(
     config: Path,
+    train_args: tuple[str, ...],
     test_file: Path,
     out: Path,
     steps: int | None,
@@ -81,7 +83,10 @@ def compare(
 ) -> None:
     """Does FISH help on my data? Dense adapter at the config's rank r vs FISH (factor x r masked
     to r's entries) vs random selection at the same entries, each with an LR chosen on a
-    validation split, over seeds, scored on the test file: a table, a verdict and a plot in OUT."""
+    validation split, over seeds, scored on the test file: a table, a verdict and a plot in OUT.
+
+    Arguments after `--` go to every `axolotl train` as you would give them, e.g. `-- --launcher
+    accelerate -- --multi_gpu --num_processes 2`."""
     check_out(out)
     try:
         raw = yaml.safe_load(config.read_text()) or {}
@@ -102,6 +107,7 @@ def compare(
         max_answers=max_answers,
         exact_match=exact_match,
         yours=not no_yours,
+        train_args=tuple(train_args),
     )
     if not settings.seeds or not settings.lrs:
         raise click.ClickException("--seeds and --lrs need at least one value each")

@@ -49,10 +49,18 @@ class Settings:
     exact_match: bool = False
     lr_bounds: tuple[float, float] = (1e-6, 1.0)
     yours: bool = True
+    # Arguments after `axolotl train CONFIG` (the launcher: processes change the batch, so they
+    # are part of what a result depends on).
+    train_args: tuple[str, ...] = ()
 
     def key(self) -> dict[str, Any]:
-        """What a recorded result depends on (seeds are not: adding one reuses the others)."""
-        return {k: v for k, v in asdict(self).items() if k != "seeds"}
+        """What a recorded result depends on (seeds are not: adding one reuses the others; no
+        launcher arguments keep the key of a comparison made before they could be given)."""
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k != "seeds" and not (k == "train_args" and not v)
+        }
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,7 @@ class Comparison:
             f"every run: {s.steps} steps; LR grid {', '.join(f'{lr:g}' for lr in s.lrs)} at seed "
             f"{s.seeds[0]}{' (extended past an edge)' if len(s.lrs) > 1 else ''}, then seeds "
             f"{', '.join(map(str, s.seeds))}",
+            f"each run: axolotl train CONFIG {' '.join(s.train_args)}".rstrip(),
             "arms:",
         ]
         for arm in self.arms:
@@ -333,7 +342,7 @@ class Comparison:
         from axolotl_fish.masks.file import FishMask
 
         run_dir = self.run_dir(job)
-        timing = train(self.run_config(job), run_dir, self.cwd, self.env)
+        timing = train(self.run_config(job), run_dir, self.cwd, self.env, self.settings.train_args)
         row: dict[str, Any] = {
             "key": job.key,
             "kind": job.kind,

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +42,24 @@ def axolotl_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
 
 
 def run_axolotl(
-    command: str, config: dict[str, Any], folder: Path, cwd: Path, env: Mapping[str, str] = {}
+    command: str,
+    config: dict[str, Any],
+    folder: Path,
+    cwd: Path,
+    env: Mapping[str, str] = {},
+    args: Sequence[str] = (),
 ) -> tuple[float, str]:
-    """`axolotl COMMAND folder/config.yaml` (log: folder/COMMAND.log), run from `cwd`.
+    """`axolotl COMMAND folder/config.yaml ARGS...` (log: folder/COMMAND.log), run from `cwd`.
     Returns (wall seconds, log text); raises RunFailed with the log's tail."""
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
     write_text_atomically(config_path, yaml.safe_dump(config, sort_keys=False))
     log_path = folder / f"{command}.log"
-    axolotl = Path(sys.executable).parent / "axolotl"
+    argv = [str(Path(sys.executable).parent / "axolotl"), command, str(config_path), *args]
     start = time.perf_counter()
     with log_path.open("w") as log:
         result = subprocess.run(
-            [str(axolotl), command, str(config_path)],
+            argv,
             cwd=cwd,
             env=axolotl_env(env),
             stdout=log,
@@ -65,7 +70,7 @@ def run_axolotl(
     text = log_path.read_text()
     if result.returncode != 0:
         raise RunFailed(
-            f"`axolotl {command} {config_path}` exited with {result.returncode}; "
+            f"`axolotl {' '.join(argv[1:])}` exited with {result.returncode}; "
             f"last lines of {log_path}:\n{text[-3000:]}"
         )
     return wall, text
@@ -78,15 +83,20 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
 
 
 def train(
-    config: dict[str, Any], run_dir: Path, cwd: Path, env: Mapping[str, str] = {}
+    config: dict[str, Any],
+    run_dir: Path,
+    cwd: Path,
+    env: Mapping[str, str] = {},
+    args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """`axolotl train` of `config` into `run_dir`, unless a finished one is there. Returns wall
-    seconds and the trainer's own train_runtime (seconds)."""
+    """`axolotl train` of `config` into `run_dir` (`args`: the user's launcher arguments, e.g.
+    `--launcher accelerate -- --multi_gpu --num_processes 2`), unless a finished one is there.
+    Returns wall seconds and the trainer's own train_runtime (seconds)."""
     timing = finished(run_dir)
     if timing is not None:
         return timing
     resumed = max((int(c.name.split("-")[1]) for c in run_dir.glob("checkpoint-*")), default=0)
-    wall, log = run_axolotl("train", config, run_dir, cwd, env)
+    wall, log = run_axolotl("train", config, run_dir, cwd, env, args)
     found = re.findall(r"'train_runtime': '?([0-9.]+)", log)
     timing = {
         "wall_seconds": round(wall, 1),
