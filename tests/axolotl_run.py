@@ -159,6 +159,19 @@ def save_tiny_model(
     return out_dir
 
 
+# Multi-process runs under weight decay, clipping and accumulation (the settings under which
+# masked entries could move), data in file order so that the ranks' examples are one process's.
+SHARDED_HARSH: dict[str, Any] = {
+    "curriculum_sampling": True,
+    "plugins": ["axolotl_fish.FishMaskPlugin"],
+    "weight_decay": 0.1,
+    "max_grad_norm": 0.5,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "save_steps": 2,
+}
+
+
 def write_alpaca_jsonl(path: Path, n_rows: int = 64, seed: int = 0) -> Path:
     """Write ``alpaca_rows`` as JSONL; 64 rows = 16 micro-batches of 4."""
     path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_rows(n_rows, seed)))

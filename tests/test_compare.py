@@ -86,19 +86,12 @@ def test_split_is_disjoint_by_content_and_duplicates_stay_together() -> None:
     assert len(splits.train) + sum(train.count(r) for r in splits.val) == len(train)
 
 
+DRY_RUN = ("--test", "test.jsonl", "--out", "cmp", "--dry-run", "--val-size", "5")
+
+
 def test_overlapping_test_file_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
     config = project(tmp_path, rows(30), rows(4, "new ") + rows(30)[10:12])
-    result = invoke(
-        tmp_path,
-        str(config),
-        "--test",
-        "test.jsonl",
-        "--out",
-        "cmp",
-        "--dry-run",
-        "--val-size",
-        "5",
-    )
+    result = invoke(tmp_path, str(config), *DRY_RUN)
     assert result.exit_code == 1
     assert "2 of 6 rows of test.jsonl also occur in" in result.output
     assert not (tmp_path / "cmp").exists()
@@ -106,17 +99,7 @@ def test_overlapping_test_file_is_an_error_and_writes_nothing(tmp_path: Path) ->
 
 def test_dry_run_lists_the_runs_and_writes_nothing(tmp_path: Path) -> None:
     config = project(tmp_path, rows(30), rows(4, "new "))
-    result = invoke(
-        tmp_path,
-        str(config),
-        "--test",
-        "test.jsonl",
-        "--out",
-        "cmp",
-        "--dry-run",
-        "--val-size",
-        "5",
-    )
+    result = invoke(tmp_path, str(config), *DRY_RUN)
     assert result.exit_code == 0, result.output
     assert "25 train, 5 validation" in result.output
     assert "grid fisher LoRA r16->r8 lr 0.003 seed 0" in result.output  # ladder: 3e-4, 1e-3, 3e-3

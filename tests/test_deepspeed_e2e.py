@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from axolotl_run import (
+    SHARDED_HARSH,
     bottleneck_file,
     cpu_shim_env,
     held_digests,
@@ -97,13 +98,7 @@ STAGES = {1: (ZERO1, {}), 2: (ZERO2, {}), 3: (ZERO3_BF16, {"bf16": True})}
 # Data in file order, so the two ranks' examples are one process's. k is below the lora_B count:
 # lora_A scores are exactly 0 at initialisation, so masked lora_B entries must stay exactly 0.
 TRAINING = {
-    "curriculum_sampling": True,
-    "plugins": ["axolotl_fish.FishMaskPlugin"],
-    "weight_decay": 0.1,
-    "max_grad_norm": 0.5,
-    "micro_batch_size": 2,
-    "gradient_accumulation_steps": 2,
-    "save_steps": 2,
+    **SHARDED_HARSH,
     "max_steps": 4,
     "lora_r": 2,
     "lora_alpha": 4,

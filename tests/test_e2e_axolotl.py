@@ -29,6 +29,28 @@ def assert_frozen_outside_mask(mask: FishMask, reference: dict, folders) -> None
             assert torch.equal(adapter[key][~keep], reference[key][~keep]), (folder, key)
 
 
+# A resume whose config asks for another mask (strategy and seed): a recomputed mask would differ,
+# the checkpoint's must win.
+RESUME_WITH_ANOTHER_MASK = {
+    "fish_mask": {"keep_ratio": 0.5, "strategy": "random", "seed": 7},
+    "auto_resume_from_checkpoints": True,
+}
+
+
+def assert_resumed_with_the_checkpoint_mask(out, resumed_out) -> None:
+    """The run resumed in `resumed_out` from `out`'s checkpoint-2 kept its mask in every save,
+    and every unselected entry still has checkpoint-2's value."""
+    original = FishMask.load(out / "checkpoint-2")
+    for folder in (resumed_out / "checkpoint-4", resumed_out):
+        resumed = FishMask.load(folder)
+        assert all(torch.equal(resumed.masks[k], m) for k, m in original.masks.items())
+    assert_frozen_outside_mask(
+        original,
+        load_adapter_tensors(out / "checkpoint-2"),
+        [resumed_out / "checkpoint-4", resumed_out],
+    )
+
+
 @pytest.fixture(scope="module")
 def fish_run(tmp_path_factory, tiny_llama_dir, alpaca_jsonl):
     """One 4-step FISH run with checkpoints at steps 2 and 4."""
@@ -79,21 +101,12 @@ def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, al
         alpaca_jsonl,
         **FISH,
         **HARSH,
-        fish_mask={"keep_ratio": 0.5, "strategy": "random", "seed": 7},
-        auto_resume_from_checkpoints=True,
+        **RESUME_WITH_ANOTHER_MASK,
     )
     log = run_axolotl_train(config, cwd=tmp_path).stdout
     assert "resuming with the mask saved in" in log
     assert "strategy: config 'random', mask 'fisher'; seed: config 7, mask 42" in log
-    original = FishMask.load(out / "checkpoint-2")
-    for folder in (resumed_out / "checkpoint-4", resumed_out):
-        resumed = FishMask.load(folder)
-        assert all(torch.equal(resumed.masks[k], m) for k, m in original.masks.items())
-    assert_frozen_outside_mask(
-        original,
-        load_adapter_tensors(out / "checkpoint-2"),
-        [resumed_out / "checkpoint-4", resumed_out],
-    )
+    assert_resumed_with_the_checkpoint_mask(out, resumed_out)
 
 
 def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(

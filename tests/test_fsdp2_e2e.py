@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from axolotl_run import (
+    SHARDED_HARSH,
     assert_masked_entries_equal,
     bottleneck_file,
     cpu_shim_env,
@@ -52,15 +53,7 @@ FSDP2 = {
 }
 # Weight decay, clipping and accumulation: the settings under which masked entries could move.
 # Data in file order, so the two ranks' 8 examples are one process's first 16.
-TRAINING = {
-    "curriculum_sampling": True,
-    "plugins": ["axolotl_fish.FishMaskPlugin"],
-    "weight_decay": 0.1,
-    "max_grad_norm": 0.5,
-    "micro_batch_size": 2,
-    "gradient_accumulation_steps": 2,
-    "save_steps": 2,
-}
+TRAINING = SHARDED_HARSH
 # lora_r 1 < 2 ranks: rank 1 holds an empty slice of every lora_A. k is below the lora_B count:
 # lora_A scores are exactly 0 at initialisation, so only real (non-zero) Fisher scores rank
 # entries; masked lora_B entries must stay exactly 0.

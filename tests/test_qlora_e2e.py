@@ -21,7 +21,13 @@ from axolotl_run import (
     two_process_launch,
     write_config,
 )
-from test_e2e_axolotl import FISH, HARSH, assert_frozen_outside_mask
+from test_e2e_axolotl import (
+    FISH,
+    HARSH,
+    RESUME_WITH_ANOTHER_MASK,
+    assert_frozen_outside_mask,
+    assert_resumed_with_the_checkpoint_mask,
+)
 
 from axolotl_fish.base.ranks import mask_digest
 from axolotl_fish.masks.file import MASK_FILENAME, FishMask
@@ -96,21 +102,12 @@ def test_resume_keeps_the_checkpoint_mask(qlora_run, tmp_path, tiny_llama_dir, a
         alpaca_jsonl,
         **QLORA,
         **HARSH,
-        fish_mask={"keep_ratio": 0.5, "strategy": "random", "seed": 7},
-        auto_resume_from_checkpoints=True,
+        **RESUME_WITH_ANOTHER_MASK,
     )
     log = run_axolotl_train(config, cwd=tmp_path).stdout
     assert_base_was_4bit(log)
     assert "resuming with the mask saved in" in log and "fish_mask: scoring" not in log
-    original = FishMask.load(out / "checkpoint-2")
-    for folder in (resumed_out / "checkpoint-4", resumed_out):
-        resumed = FishMask.load(folder)
-        assert all(torch.equal(resumed.masks[k], m) for k, m in original.masks.items())
-    assert_frozen_outside_mask(
-        original,
-        load_adapter_tensors(out / "checkpoint-2"),
-        [resumed_out / "checkpoint-4", resumed_out],
-    )
+    assert_resumed_with_the_checkpoint_mask(out, resumed_out)
 
 
 def test_mask_path_reuses_the_saved_mask(qlora_run, tmp_path, tiny_llama_dir, alpaca_jsonl):
