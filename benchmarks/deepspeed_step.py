@@ -23,8 +23,7 @@ import deepspeed
 import deepspeed.ops
 import torch
 from common import TARGETS, machine, median, timed
-from real_shapes import random_batches, random_model
-from shapes import SHAPES
+from shapes import SHAPES, add_batch_args, random_batches, random_model
 
 from axolotl_fish.adapters.tensors import adapter_parameters
 from axolotl_fish.distributed.deepspeed import DeepSpeedFishMaskCallback
@@ -85,12 +84,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--stage", type=int, action="append", choices=[2, 3])
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--answer", type=int, default=32, help="labelled tokens per row")
+    add_batch_args(parser, seq=256, answer=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():

@@ -54,7 +54,7 @@ def one_run(args: argparse.Namespace) -> int:
     """Peak bytes above the start of one Fisher pass (`ours`) or forward+backward (`limit`)."""
     import torch
     from common import add_lora, plain_forward_backward, process_peak_bytes, reset_peak
-    from real_shapes import random_batches
+    from shapes import random_batches
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from axolotl_fish.adapters.tensors import adapter_parameters

@@ -33,7 +33,7 @@ import types
 from pathlib import Path
 
 import torch
-from shapes import SHAPES
+from shapes import SHAPES, add_batch_args, random_batches, random_model
 from torch import nn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,13 +54,8 @@ def lora_model(shape: str, device: str) -> nn.Module:
     """A random bf16 model of this shape with a fresh LoRA on every linear layer, lora_B moved
     off zero (as after a few steps)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(SHAPES[shape][0], **SHAPES[shape][1]), dtype=torch.bfloat16
-        )
+    base = random_model(shape, device)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -145,14 +140,7 @@ def kernels_per_step(variant: Variant, batch: dict[str, torch.Tensor]) -> int:
 
 
 def measure(args: argparse.Namespace, shape: str) -> dict[str, object]:
-    vocab = int(SHAPES[shape][1]["vocab_size"])
-    ids = torch.randint(
-        vocab, (args.micro_batch, args.seq), generator=torch.Generator().manual_seed(0)
-    )
-    labels = ids.clone()
-    labels[:, : args.seq - args.answer] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    batch = {key: value.to(args.device) for key, value in batch.items()}
+    batch = random_batches(args, int(SHAPES[shape][1]["vocab_size"]), args.micro_batch)[0]
     variants = {name: Variant(name, shape, args.device) for name in VARIANTS}
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for variant in variants.values():
@@ -190,10 +178,7 @@ def report(args: argparse.Namespace, row: dict[str, object]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512, help="tokens per row")
-    parser.add_argument("--answer", type=int, default=64, help="labelled tokens per row")
+    add_batch_args(parser, seq=512, answer=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--out", type=Path, help="append each result here as a JSON line")

@@ -52,7 +52,7 @@ from common import (
     timed,
 )
 from peft.tuners.lora import LoraLayer
-from shapes import SHAPES
+from shapes import SHAPES, add_batch_args, random_batches, random_model
 from torch import nn
 
 from axolotl_fish.adapters.tensors import adapter_parameters, model_parameters
@@ -62,33 +62,6 @@ from axolotl_fish.fisher.scores import fisher_scores
 from axolotl_fish.masks.selection import select_top_k
 
 Batch = dict[str, torch.Tensor]
-
-
-def random_model(shape: str, device: str) -> nn.Module:
-    """A causal LM of this shape with random weights, in bf16, built directly on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kind, sizes = SHAPES[shape]
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(kind, **sizes), dtype=torch.bfloat16
-        )
-    return model
-
-
-def random_batches(args: argparse.Namespace, vocab: int, n: int) -> list[dict[str, torch.Tensor]]:
-    """`n` rows of random tokens in micro-batches, only the last `args.answer` tokens labelled."""
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for start in range(0, n, args.micro_batch):
-        rows = min(args.micro_batch, n - start)
-        ids = torch.randint(vocab, (rows, args.seq), generator=generator)
-        labels = ids.clone()
-        labels[:, : args.seq - args.answer] = -100
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-        batches.append({key: value.to(args.device) for key, value in batch.items()})
-    return batches
 
 
 class Recorder:
@@ -368,10 +341,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), required=True)
     parser.add_argument("--section", action="append", choices=sorted(SECTIONS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512, help="tokens per row")
-    parser.add_argument("--answer", type=int, default=64, help="labelled tokens per row")
+    add_batch_args(parser, seq=512, answer=64)
     parser.add_argument("--samples", type=int, default=32, help="examples in the LoRA Fisher pass")
     parser.add_argument("--dora", action="store_true", help="DoRA in the LoRA Fisher sections")
     parser.add_argument("--keep", type=float, action="append", help="default: 0.005 and 0.02")

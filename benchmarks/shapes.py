@@ -1,8 +1,14 @@
-"""The published sizes of the model shapes the benchmarks build with random weights (weights do
-not change timings). Plain data: the device scripts import it on a machine without the package's
+"""What the shape benchmarks share: the published sizes of the models they build with random
+weights (weights do not change timings), the random model and random batches. torch and
+transformers only: the device scripts import it on a machine without the package's
 dependencies."""
 
 from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
 
 # transformers model type and sizes of each shape (the published configurations' sizes).
 SHAPES: dict[str, tuple[str, dict[str, int | bool]]] = {
@@ -53,3 +59,38 @@ SHAPES: dict[str, tuple[str, dict[str, int | bool]]] = {
         },
     ),
 }
+
+
+def add_batch_args(parser: argparse.ArgumentParser, seq: int, answer: int) -> None:
+    """--device, --micro-batch, --seq and --answer (what `random_batches` reads)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=seq, help="tokens per row")
+    parser.add_argument("--answer", type=int, default=answer, help="labelled tokens per row")
+
+
+def random_model(shape: str, device: str) -> nn.Module:
+    """A causal LM of this shape with random weights, in bf16, built directly on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, sizes = SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(kind, **sizes), dtype=torch.bfloat16
+        )
+    return model
+
+
+def random_batches(args: argparse.Namespace, vocab: int, n: int) -> list[dict[str, torch.Tensor]]:
+    """`n` rows of random tokens in micro-batches, only the last `args.answer` tokens labelled."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, n, args.micro_batch):
+        rows = min(args.micro_batch, n - start)
+        ids = torch.randint(vocab, (rows, args.seq), generator=generator)
+        labels = ids.clone()
+        labels[:, : args.seq - args.answer] = -100
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        batches.append({key: value.to(args.device) for key, value in batch.items()})
+    return batches
