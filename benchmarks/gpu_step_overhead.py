@@ -33,7 +33,7 @@ import types
 from pathlib import Path
 
 import torch
-from shapes import SHAPES, add_batch_args, random_batches, random_model
+from shapes import SHAPES, TimedStep, add_batch_args, random_batches, random_model
 from torch import nn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,33 +86,23 @@ def _zero_at(frozen: torch.Tensor):
     return hook
 
 
-class Variant:
+class Variant(TimedStep):
     def __init__(self, name: str, shape: str, device: str) -> None:
-        self.model = lora_model(shape, device)
-        lora = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        model = lora_model(shape, device)
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
         generator = torch.Generator().manual_seed(0)
         masks = [(torch.rand(p.shape, generator=generator) < 0.5).to(device) for p in lora]
-        self.mask = None
+        mask = None
         if name == "masked":
             keys = [str(i) for i in range(len(lora))]
-            self.mask = masking_module().GradientMask(
+            mask = masking_module().GradientMask(
                 dict(zip(keys, lora, strict=True)), dict(zip(keys, masks, strict=True))
             )
-            self.mask.snapshot()
+            mask.snapshot()
         elif name == "per_tensor":
-            self.mask = PerTensorMask(lora, masks)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=0.01)
+            mask = PerTensorMask(lora, masks)
+        super().__init__(model, mask)
         self.tensors = len(lora)
-        self.model.train()
-
-    def step(self, batch: dict[str, torch.Tensor]) -> None:
-        self.model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.mask is not None:
-            self.mask.restore()
 
 
 def synchronize(device: str) -> None:

@@ -1,7 +1,7 @@
-"""What the shape benchmarks share: the published sizes of the models they build with random
-weights (weights do not change timings), the random model and random batches. torch and
-transformers only: the device scripts import it on a machine without the package's
-dependencies."""
+"""What the shape and step benchmarks share: the published sizes of the models they build with
+random weights (weights do not change timings), the random model and random batches, and the
+training step they time. torch and transformers only: the device scripts import it on a machine
+without the package's dependencies."""
 
 from __future__ import annotations
 
@@ -94,3 +94,23 @@ def random_batches(args: argparse.Namespace, vocab: int, n: int) -> list[dict[st
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
         batches.append({key: value.to(args.device) for key, value in batch.items()})
     return batches
+
+
+class TimedStep:
+    """A model copy with AdamW (weight decay 0.01) over its trainable tensors and an optional
+    mask (anything with `restore()`, called after each step as the callback does): one `step` is
+    forward, backward, clip_grad_norm (1.0), the optimizer step, zero_grad and the restore."""
+
+    def __init__(self, model: nn.Module, mask: object | None = None) -> None:
+        self.model, self.mask = model, mask
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=0.01)
+        model.train()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mask is not None:
+            self.mask.restore()

@@ -38,6 +38,7 @@ from common import (
     reset_peak,
     timed,
 )
+from shapes import TimedStep
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -47,26 +48,15 @@ from axolotl_fish.scorers.builtin import random_scores
 from axolotl_fish.training.masking import GradientMask
 
 
-class Variant:
+class Variant(TimedStep):
     """A model copy with its optimizer and, optionally, a mask applied like the callback does."""
 
     def __init__(self, model, masks=None) -> None:
-        self.model = model
-        self.mask = None
+        mask = None
         if masks is not None:
-            self.mask = GradientMask(adapter_parameters(model), masks)
-            self.mask.snapshot()
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4, weight_decay=0.01)
-        model.train()
-
-    def step(self, batch) -> None:
-        self.model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.mask is not None:
-            self.mask.restore()
+            mask = GradientMask(adapter_parameters(model), masks)
+            mask.snapshot()
+        super().__init__(model, mask)
 
 
 VARIANTS = ["plain", "masked", "frozen_A"]

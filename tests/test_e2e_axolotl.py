@@ -29,17 +29,23 @@ def assert_frozen_outside_mask(mask: FishMask, reference: dict, folders) -> None
             assert torch.equal(adapter[key][~keep], reference[key][~keep]), (folder, key)
 
 
-# A resume whose config asks for another mask (strategy and seed): a recomputed mask would differ,
-# the checkpoint's must win.
-RESUME_WITH_ANOTHER_MASK = {
-    "fish_mask": {"keep_ratio": 0.5, "strategy": "random", "seed": 7},
-    "auto_resume_from_checkpoints": True,
-}
-
-
-def assert_resumed_with_the_checkpoint_mask(out, resumed_out) -> None:
-    """The run resumed in `resumed_out` from `out`'s checkpoint-2 kept its mask in every save,
-    and every unselected entry still has checkpoint-2's value."""
+def resume_with_another_mask(out, tmp_path, base_dir, data, **keys) -> str:
+    """Resume `out`'s run from a copy of its checkpoint-2 in `tmp_path`, the config (`keys` and
+    HARSH) asking for another mask (strategy and seed): a recomputed mask would differ, the
+    checkpoint's must win. Asserts it did (the same mask in every save, every unselected entry at
+    checkpoint-2's value) and returns the log."""
+    resumed_out = resume_from_copy(out, tmp_path)
+    config = write_config(
+        tmp_path,
+        base_dir,
+        data,
+        **keys,
+        **HARSH,
+        fish_mask={"keep_ratio": 0.5, "strategy": "random", "seed": 7},
+        auto_resume_from_checkpoints=True,
+    )
+    log = run_axolotl_train(config, cwd=tmp_path).stdout
+    assert "resuming with the mask saved in" in log
     original = FishMask.load(out / "checkpoint-2")
     for folder in (resumed_out / "checkpoint-4", resumed_out):
         resumed = FishMask.load(folder)
@@ -49,6 +55,7 @@ def assert_resumed_with_the_checkpoint_mask(out, resumed_out) -> None:
         load_adapter_tensors(out / "checkpoint-2"),
         [resumed_out / "checkpoint-4", resumed_out],
     )
+    return log
 
 
 @pytest.fixture(scope="module")
@@ -93,20 +100,8 @@ def test_masked_entries_never_move(fish_run):
 
 def test_resume_keeps_the_checkpoint_mask(fish_run, tmp_path, tiny_llama_dir, alpaca_jsonl):
     out, _ = fish_run
-    resumed_out = resume_from_copy(out, tmp_path)
-    # Another seed and strategy: a recomputed mask would differ, the checkpoint's must win.
-    config = write_config(
-        tmp_path,
-        tiny_llama_dir,
-        alpaca_jsonl,
-        **FISH,
-        **HARSH,
-        **RESUME_WITH_ANOTHER_MASK,
-    )
-    log = run_axolotl_train(config, cwd=tmp_path).stdout
-    assert "resuming with the mask saved in" in log
+    log = resume_with_another_mask(out, tmp_path, tiny_llama_dir, alpaca_jsonl, **FISH)
     assert "strategy: config 'random', mask 'fisher'; seed: config 7, mask 42" in log
-    assert_resumed_with_the_checkpoint_mask(out, resumed_out)
 
 
 def test_mask_path_reuses_a_mask_and_rejects_a_foreign_one(

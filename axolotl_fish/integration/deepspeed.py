@@ -39,20 +39,17 @@ def check_deepspeed(data: Mapping[str, Any]) -> None:
             ) from err
     adapter = data.get("adapter")
     stage = _deepspeed_module().check_deepspeed_config(config, full_parameter=adapter is None)
-    dora = bool(data.get("peft_use_dora"))
-    untested = adapter in ("qlora", "llama-adapter") or (stage == 3 and adapter == "bottleneck")
-    if stage == 3 and dora and adapter == "lora":
+    if stage == 3 and adapter == "lora" and data.get("peft_use_dora"):
         raise ValueError(
             "fish_mask under deepspeed ZeRO-3: peft_use_dora: true fails in PEFT itself, plugin or "
             "not: its DoRA init takes the norm of the base weight that zero.Init left empty (tried "
             "with PEFT 0.20 on 2 processes). Use zero_optimization.stage 1 or 2, or FSDP2."
         )
-    if untested:
-        name = f"adapter: {adapter}"
+    if adapter in ("qlora", "llama-adapter") or (stage == 3 and adapter == "bottleneck"):
         raise ValueError(
-            f"fish_mask under deepspeed ZeRO-{stage}: {name} has not been run there yet (tested: "
-            f"LoRA at ZeRO-1/2/3; DoRA, bottleneck and full-parameter mode at ZeRO-1/2): train it "
-            f"with DDP or FSDP2, or use `adapter: lora`."
+            f"fish_mask under deepspeed ZeRO-{stage}: adapter: {adapter} has not been run there "
+            f"yet (tested: LoRA at ZeRO-1/2/3; DoRA, bottleneck and full-parameter mode at "
+            f"ZeRO-1/2): train it with DDP or FSDP2, or use `adapter: lora`."
         )
 
 
